@@ -1,0 +1,1 @@
+"""Functional ops: each file holds its reference, its autograd Function(s) and its public entry point."""
