@@ -1,0 +1,172 @@
+"""LoRA linear: y = x W^T + bias + scaling * (dropout(x) A^T) B^T, with PEFT's shapes A [r, in], B [out, r].
+
+Reference first (the oracle of every test), then the autograd Functions of the `torch`/`ext` and `triton`
+backends, then the public entry point `lora_linear`.
+"""
+import torch
+import torch.nn.functional as F
+
+from fastpeft import backends
+from fastpeft.ops import checks
+from fastpeft.ops.dropout import dropout_ref, new_seed
+
+# Decode-sized inputs take the one-launch Triton forward up to this many rows.
+SMALL_M = 64
+
+
+def lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=0):
+    """Plain PyTorch LoRA linear with the shared dropout mask; autograd gives every gradient."""
+    x2d = x.reshape(-1, x.shape[-1])
+    dropped = dropout_ref(x2d, dropout_p, seed).reshape(x.shape)
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_a), lora_b)
+
+
+def _fold_pays(x2d: torch.Tensor, weight: torch.Tensor, dropout_p: float) -> bool:
+    """Whether to run x (W + s B A)^T as one GEMM instead of adding a separate low-rank product.
+
+    Exact in fp32 up to rounding; in bf16/fp16 the rounded sum would swallow a small delta, so fp32 only.
+    Folding costs an [out, in] temporary per pass, which pays once rows outnumber N K / (N + K)."""
+    n, k = weight.shape
+    return dropout_p == 0.0 and x2d.dtype == torch.float32 and x2d.shape[0] * (n + k) >= 2 * n * k
+
+
+def _folded_weight(weight, lora_a, lora_b, scaling):
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+
+
+class LoraLinearTorch(torch.autograd.Function):
+    """Hand-fused PyTorch: one output buffer, addmm epilogues, and a backward that regenerates the dropout mask
+    from its seed (through the C++ extension when `use_ext`), so only x and the [M, r] shrink are saved."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, use_ext):
+        dropped = x2d
+        if dropout_p > 0.0:
+            dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
+        shrink = dropped.mm(lora_a.t())
+        del dropped
+        if _fold_pays(x2d, weight, dropout_p):
+            folded = _folded_weight(weight, lora_a, lora_b, scaling)
+            out = x2d.mm(folded.t()) if bias is None else torch.addmm(bias, x2d, folded.t())
+        else:
+            out = x2d.mm(weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+            out.addmm_(shrink, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrink)
+        ctx.config = (scaling, dropout_p, seed, use_ext, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_a, lora_b, shrink = ctx.saved_tensors
+        scaling, dropout_p, seed, use_ext, has_bias = ctx.config
+        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        grad_lowrank = dy.mm(lora_b).mul_(scaling)  # [M, r]
+        dx = da = None
+        if dropout_p == 0.0:
+            if need_dx:
+                if _fold_pays(x2d, weight, dropout_p):
+                    dx = dy.mm(_folded_weight(weight, lora_a, lora_b, scaling))
+                else:
+                    dx = dy.mm(weight).addmm_(grad_lowrank, lora_a)
+            if need_da:
+                da = grad_lowrank.t().mm(x2d)
+        elif need_dx or need_da:
+            if need_dx:
+                dx = dy.mm(weight)
+                through_a = grad_lowrank.mm(lora_a)  # [M, K], masked into dx with the forward's mask
+                if use_ext:
+                    dropped = _ext_module().dropout_backward_(x2d, through_a, dx, seed, dropout_p)
+                else:
+                    dx.add_(dropout_ref(through_a, dropout_p, seed))
+                    dropped = dropout_ref(x2d, dropout_p, seed)
+            else:
+                dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
+            da = grad_lowrank.t().mm(dropped) if need_da else None
+        db = dy.t().mm(shrink).mul_(scaling) if need_db else None
+        dw = dy.t().mm(x2d) if need_dw else None
+        dbias = dy.sum(0) if need_dbias and has_bias else None
+        return dx, dw, dbias, da, db, None, None, None, None
+
+
+class LoraLinearTriton(torch.autograd.Function):
+    """Fused Triton kernels: shrink + one GEMM with the low-rank term and bias in its epilogue (one launch for
+    decode-sized inputs); backward: one pass over dy for G and dB, one GEMM for dx that also accumulates dA."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        from fastpeft.kernels import lora as kernels
+
+        if x2d.shape[0] <= SMALL_M:
+            out, shrink = kernels.lora_forward_small(x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        else:
+            shrink = kernels.lora_shrink(x2d, lora_a, dropout_p, seed)
+            out = kernels.lora_forward(x2d, weight, bias, shrink, lora_b, scaling)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrink)
+        ctx.config = (scaling, dropout_p, seed, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastpeft.kernels import lora as kernels
+
+        x2d, weight, lora_a, lora_b, shrink = ctx.saved_tensors
+        scaling, dropout_p, seed, has_bias = ctx.config
+        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        grad_lowrank, db = kernels.lora_backward_shrink(dy, lora_b, shrink, scaling)
+        dx, da = kernels.lora_backward_dx(dy, weight, grad_lowrank, lora_a, x2d, dropout_p, seed, need_dx)
+        da = da.to(lora_a.dtype) if need_da else None
+        db = db.to(lora_b.dtype) if need_db else None
+        dw = dy.t().mm(x2d) if need_dw else None
+        dbias = dy.sum(0) if need_dbias and has_bias else None
+        return dx, dw, dbias, da, db, None, None, None
+
+
+def _ext_module():
+    from fastpeft import _ext
+
+    return _ext.load()
+
+
+def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    checks.check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    checks.check_tensor("weight", weight, dim=2)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must equal weight's in_features {in_features}, got x of shape {tuple(x.shape)}")
+    checks.check_tensor("lora_a", lora_a, dim=2)
+    rank = lora_a.shape[0]
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got lora_a of shape {tuple(lora_a.shape)}")
+    checks.check_tensor("lora_a", lora_a, shape=(rank, in_features))
+    checks.check_tensor("lora_b", lora_b, shape=(out_features, rank))
+    if bias is not None:
+        checks.check_tensor("bias", bias, shape=(out_features,))
+    checks.check_same("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    checks.check_finite("scaling", scaling)
+    checks.check_probability("dropout_p", dropout_p)
+    checks.check_seed(seed)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=True, seed=None, backend=None):
+    """x @ weight.T + bias + scaling * (dropout(x) @ lora_a.T) @ lora_b.T for x of shape [..., in].
+
+    weight [out, in] (may be a transposed view, e.g. of a GPT-2 Conv1D weight), lora_a [r, in], lora_b [out, r].
+    Dropout applies only when `training`; its mask comes from `seed` (drawn from torch's generator when None).
+    `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends)."""
+    _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    dropout_p = float(dropout_p) if training else 0.0
+    if seed is None:
+        seed = new_seed() if dropout_p > 0.0 else 0
+    name = backends.choose(x.device, backend, ext_helps=dropout_p > 0.0)
+    if name == "reference":
+        return lora_linear_ref(x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] == 0:  # nothing to launch kernels on
+        name = "torch"
+    if name == "triton":
+        out = LoraLinearTriton.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
+    else:
+        out = LoraLinearTorch.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed, name == "ext")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
