@@ -58,7 +58,8 @@ class LoraLinear(nn.Module):
         self.settings: dict[str, LoraSettings] = {}
         self.active_adapter: str | None = None
         self.disabled = False
-        self._unmerged_weight: torch.Tensor | None = None  # the exact pre-merge weight, for bit-exact unmerge
+        # The exact pre-merge weight, for bit-exact unmerge; a buffer so model.to() moves it along.
+        self.register_buffer("_unmerged_weight", None, persistent=False)
         self.merged_adapter: str | None = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init)
 
@@ -110,8 +111,10 @@ class LoraLinear(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.settings), None)
 
-    def set_adapter(self, name: str) -> None:
-        self._require(name)
+    def set_adapter(self, name: str | None) -> None:
+        """Make adapter `name` active; None runs the base layer alone."""
+        if name is not None:
+            self._require(name)
         if self.merged_adapter is not None and self.merged_adapter != name:
             raise ValueError(f"adapter {self.merged_adapter!r} is merged; unmerge() before switching to {name!r}")
         self.active_adapter = name

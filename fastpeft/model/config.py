@@ -1,0 +1,168 @@
+"""`LoraConfig`: PEFT's LoRA config fields (so configs and `adapter_config.json` files carry over), validated on
+creation, and its conversion to and from the dict that peft 0.21 writes."""
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+
+ALL_LINEAR = "all-linear"
+BIASES = ("none", "all", "lora_only")
+TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# PEFT's init_lora_weights values; fastpeft can initialise the first three itself, the others only load trained weights.
+INITS_SUPPORTED = (True, False, "gaussian")
+INITS_PEFT = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
+PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layout this writes
+
+# The remaining keys of peft 0.21's LoraConfig.to_dict(), at their defaults.
+PEFT_DEFAULTS = {
+    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
+    "inference_mode": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,
+    "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None, "peft_type": "LORA",
+    "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16, "revision": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
+}
+# PEFT features that change what the adapter computes; a file that turns one on is refused, never half-loaded.
+PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "exclude_modules",
+                    "target_parameters", "trainable_token_indices", "layer_replication", "use_qalora",
+                    "alora_invocation_tokens", "arrow_config", "use_bdlora", "megatron_config", "kasa_config",
+                    "monteclora_config", "velora_config")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters under PEFT's names. `target_modules`: module-name suffixes (`["query", "value"]`), a
+    regex fully matched against module paths, or `"all-linear"`. `rank_pattern` / `alpha_pattern` override r /
+    lora_alpha per module (keys are regexes matched against the end of the module path, as in PEFT)."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None
+    use_rslora: bool = False
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] | None = None
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        _check_rank("r", self.r)
+        _check_number("lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
+        if self.modules_to_save is not None:
+            object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
+        if not _known_init(self.init_lora_weights):
+            raise ValueError(f"init_lora_weights must be True, False, 'gaussian' or one of PEFT's {INITS_PEFT}, "
+                             f"got {self.init_lora_weights!r}")
+        for key, value in self.rank_pattern.items():
+            _check_pattern("rank_pattern", key)
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_pattern("alpha_pattern", key)
+            _check_number(f"alpha_pattern[{key!r}]", value)
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """r and lora_alpha of one module: the first matching rank_pattern / alpha_pattern key, else r / lora_alpha."""
+        return (_pattern_value(self.rank_pattern, module_path, self.r),
+                _pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
+
+    def to_peft_dict(self, **overrides) -> dict:
+        """The dict peft's `save_pretrained` writes as adapter_config.json (`overrides` set e.g. fan_in_fan_out)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("target_modules", "modules_to_save"):
+            if isinstance(own[name], tuple):
+                own[name] = list(own[name])
+        own["rank_pattern"], own["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
+        unknown = set(overrides) - set(PEFT_DEFAULTS) - set(own)
+        if unknown:
+            raise ValueError(f"not keys of a PEFT LoRA config: {sorted(unknown)}")
+        return {**PEFT_DEFAULTS, **own, **overrides}
+
+    @classmethod
+    def from_peft_dict(cls, config: dict, source: str = "adapter config") -> "LoraConfig":
+        """Read a PEFT adapter config dict; PEFT-only keys are ignored unless they turn on a feature fastpeft lacks."""
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        if config.get("peft_type") != "LORA":
+            raise ValueError(f"{source}: peft_type is {config.get('peft_type')!r}; fastpeft loads 'LORA' adapters")
+        turned_on = {key: config[key] for key in PEFT_UNSUPPORTED if config.get(key)}
+        if turned_on:
+            raise ValueError(f"{source} uses PEFT features fastpeft does not support: {turned_on}")
+        if config.get("target_modules") is None:
+            raise ValueError(f"{source}: target_modules is missing or null")
+        known = {f.name for f in fields(cls)}
+        kwargs = {key: value for key, value in config.items() if key in known and value is not None}
+        kwargs.setdefault("rank_pattern", {})
+        kwargs.setdefault("alpha_pattern", {})
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def replace(self, **changes) -> "LoraConfig":
+        """A copy with `changes`, validated again."""
+        return replace(self, **changes)
+
+
+def _check_rank(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} (a LoRA rank) must be an int >= 1, got {value!r}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
+
+
+def _check_pattern(name: str, key) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{name} keys must be non-empty strings, got {key!r}")
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise ValueError(f"{name} key {key!r} is not a valid regex: {e}") from e
+
+
+def _names(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{name} must be a list of module names, got {value!r}")
+    if not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {value!r}")
+    return tuple(sorted(set(value)))
+
+
+def _normalise_targets(targets) -> tuple[str, ...] | str:
+    if targets is None:
+        raise ValueError("target_modules is required: module-name suffixes (e.g. ['query', 'value']), "
+                         "a regex matched against full module paths, or 'all-linear'")
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        _check_pattern("target_modules", targets)
+        return targets
+    return _names("target_modules", targets)
+
+
+def _known_init(init) -> bool:
+    if isinstance(init, bool):
+        return True
+    return isinstance(init, str) and (init == "gaussian" or init in INITS_PEFT or init.startswith("pissa_niter_"))
+
+
+def _pattern_value(pattern: dict, module_path: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default

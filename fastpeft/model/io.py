@@ -1,0 +1,243 @@
+"""Save and load LoRA adapters in exactly the Hugging Face PEFT format: `adapter_config.json` plus
+`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` ([r, in]) / `.lora_B.weight`
+([out, r]), modules_to_save under `base_model.model.<module path>.<param>`, biases per `bias`.
+
+Writes are atomic (a temporary directory, then os.replace). Loads check every key, shape and dtype against the
+model before touching it, and leave it unchanged on any error."""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastpeft.model.config import ALL_LINEAR, LoraConfig
+from fastpeft.model.inject import (active_adapter, adapter_config, adapter_layers, adapter_names, add_adapter,
+                                   check_new_adapter, delete_adapter, lora_layers, saved_wrappers, set_adapter)
+from fastpeft.model.saved_module import ModulesToSave
+from fastpeft.model.targets import Target, find_saved_modules, find_targets
+from fastpeft.modules.lora import LoraLinear, linear_features
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+SHOW = 10  # how many offending keys an error lists
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one file tensor lives in the model (its state-dict key once the adapter is in), and its shape/dtype."""
+
+    model_key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Write adapter `adapter_name` of `model` to `directory` in PEFT's format (peft's PeftModel.from_pretrained
+    loads it). Both files are written completely, then renamed into place."""
+    config = adapter_config(model, adapter_name)
+    targets, saved = _current_plan(model, adapter_name)
+    entries = adapter_entries(model, config, adapter_name, targets, saved)
+    state = model.state_dict()
+    tensors = {key: state[e.model_key].detach().to("cpu").clone().contiguous() for key, e in entries.items()}
+    peft_config = config.to_peft_dict(**_file_overrides(model, config, targets))
+    _atomic_write(os.fspath(directory), {
+        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda path: _write_text(path, json.dumps(peft_config, indent=2, sort_keys=True)),
+    })
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT-format LoRA adapter from `directory` as `adapter_name` and make it active. Injects it when the
+    model has no adapter of that name yet, else overwrites that adapter's weights (its settings must agree)."""
+    directory = os.fspath(directory)
+    config = read_config(directory)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    tensors = read_weights(weights_path)
+    if tensors and not any(k.startswith(PREFIX) for k in tensors):  # written without PEFT's prefix (PEFT accepts it)
+        tensors = {PREFIX + k: v for k, v in tensors.items()}
+    existing = adapter_name in adapter_names(model)
+    if existing:
+        targets, saved = _current_plan(model, adapter_name)
+        _check_settings(model, config, adapter_name, targets)
+    else:
+        check_new_adapter(model, config, adapter_name)
+        targets, saved = find_targets(model, config), find_saved_modules(model, config)
+    if config.bias == "all":
+        tensors = _without_wrapper_biases(tensors, saved)
+    entries = adapter_entries(model, config, adapter_name, targets, saved)
+    _check_tensors(entries, tensors, f"{weights_path} does not fit adapter {adapter_name!r} of {type(model).__name__}")
+
+    previous, backups = active_adapter(model), []
+    try:
+        if not existing:
+            add_adapter(model, config, adapter_name, targets, saved, init="zeros")
+        state = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key, entry in entries.items():
+                destination = state[entry.model_key]
+                backups.append((destination, destination.detach().clone()))
+                destination.copy_(tensors[key])
+        set_adapter(model, adapter_name)
+    except BaseException:
+        with torch.no_grad():  # put back what was overwritten (existing adapters, base biases), then drop the new one
+            for destination, backup in backups:
+                destination.copy_(backup)
+        if not existing and adapter_name in adapter_names(model):
+            delete_adapter(model, adapter_name)
+        if previous is not None:
+            set_adapter(model, previous)
+        raise
+    return model
+
+
+def read_config(directory: str) -> LoraConfig:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved adapter directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return LoraConfig.from_peft_dict(raw, source=path)
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter weights {path!r} do not exist")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+
+
+def adapter_entries(model: nn.Module, config: LoraConfig, name: str, targets: list[Target],
+                    saved: list[tuple[str, nn.Module]]) -> dict[str, Entry]:
+    """File key -> Entry for every tensor the adapter's file holds, computed from the plan alone (so a load can be
+    checked before the adapter exists)."""
+    entries = {}
+    for t in targets:
+        in_features, out_features = linear_features(t.base_layer)
+        dtype = t.base_layer.weight.dtype
+        entries[f"{PREFIX}{t.path}.lora_A.weight"] = Entry(f"{t.path}.lora_A.{name}", (t.r, in_features), dtype)
+        entries[f"{PREFIX}{t.path}.lora_B.weight"] = Entry(f"{t.path}.lora_B.{name}", (out_features, t.r), dtype)
+    for path, module in saved:
+        copy = module.modules_to_save[name] if isinstance(module, ModulesToSave) and name in module.modules_to_save \
+            else getattr(module, "original_module", module)
+        for key, value in copy.state_dict().items():
+            entries[f"{PREFIX}{path}.{key}"] = Entry(f"{path}.modules_to_save.{name}.{key}", tuple(value.shape),
+                                                     value.dtype)
+    for key, value in _biases(model, config, targets, saved).items():
+        entries[PREFIX + key] = Entry(key, tuple(value.shape), value.dtype)
+    return entries
+
+
+def _biases(model, config, targets, saved) -> dict[str, torch.Tensor]:
+    """Biases `config.bias` saves, keyed as they are once the adapter is in (PEFT: `<path>.base_layer.bias`)."""
+    if config.bias == "lora_only":
+        return {f"{t.path}.base_layer.bias": t.base_layer.bias for t in targets if t.base_layer.bias is not None}
+    if config.bias == "none":
+        return {}
+    unwrapped = {f"{t.path}.bias": f"{t.path}.base_layer.bias" for t in targets if not isinstance(t.module, LoraLinear)}
+    inside = tuple(path + "." for path, _ in saved + saved_wrappers(model))
+    return {unwrapped.get(key, key): value for key, value in model.state_dict().items()
+            if (key == "bias" or key.endswith(".bias")) and not key.startswith(inside)}
+
+
+def _without_wrapper_biases(tensors: dict, saved) -> dict:
+    """peft's bias="all" files also hold the biases of its ModulesToSaveWrapper's internals
+    (`<path>.original_module.bias`, `<path>.modules_to_save.bias`): copies of `<path>.bias` and the frozen base."""
+    internals = tuple(f"{PREFIX}{path}.{part}." for path, _ in saved for part in ("original_module", "modules_to_save"))
+    return {k: v for k, v in tensors.items() if not k.startswith(internals)}
+
+
+def _current_plan(model, name) -> tuple[list[Target], list[tuple[str, nn.Module]]]:
+    targets = [Target(path, layer, layer.settings[name].r, layer.settings[name].lora_alpha)
+               for path, layer in lora_layers(model) if name in layer.settings]
+    saved = [(path, w) for path, w in saved_wrappers(model) if name in w.modules_to_save]
+    return targets, saved
+
+
+def _check_settings(model, config: LoraConfig, name: str, targets: list[Target]) -> None:
+    """Loading into an existing adapter: its per-layer r, alpha and rsLoRA must be the file's."""
+    if any(layer.merged_adapter == name for layer in adapter_layers(model, name)):
+        raise ValueError(f"adapter {name!r} is merged; unmerge(model) before loading weights into it")
+    wrong = []
+    for t in targets:
+        have = t.module.settings[name]
+        r, alpha = config.rank_and_alpha(t.path)
+        if (have.r, have.lora_alpha, have.use_rslora) != (r, float(alpha), config.use_rslora):
+            wrong.append(f"{t.path}: model r={have.r}, alpha={have.lora_alpha:g}, rslora={have.use_rslora}; "
+                         f"file r={r}, alpha={alpha:g}, rslora={config.use_rslora}")
+    if wrong:
+        raise ValueError(f"the file's config does not match existing adapter {name!r} (delete_adapter it first to "
+                         f"load this one): " + _listed(wrong))
+
+
+def _check_tensors(entries: dict[str, Entry], tensors: dict[str, torch.Tensor], what: str) -> None:
+    missing = sorted(set(entries) - set(tensors))
+    unexpected = sorted(set(tensors) - set(entries))
+    shapes, dtypes = [], []
+    for key in sorted(set(entries) & set(tensors)):
+        e, t = entries[key], tensors[key]
+        if tuple(t.shape) != e.shape:
+            shapes.append(f"{key}: file {tuple(t.shape)}, model {e.shape}")
+        if t.dtype != e.dtype and not (t.dtype.is_floating_point and e.dtype.is_floating_point):
+            dtypes.append(f"{key}: file {t.dtype}, model {e.dtype}")
+    problems = [f"{label} ({len(items)}): {_listed(items)}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes),
+                 ("dtype mismatches", dtypes)) if items]
+    if problems:
+        raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
+
+
+def _listed(items: list[str]) -> str:
+    more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
+    return "; ".join(items[:SHOW]) + more
+
+
+def _file_overrides(model, config: LoraConfig, targets: list[Target]) -> dict:
+    """What peft's save_pretrained fills in from the model: Conv1D's fan_in_fan_out, resolved "all-linear", the
+    base model's name, the auto_mapping of a config without task_type."""
+    overrides = {"fan_in_fan_out": any(t.module.fan_in_fan_out for t in targets), "inference_mode": True}
+    if config.target_modules == ALL_LINEAR:
+        overrides["target_modules"] = sorted(t.path for t in targets)
+    if config.base_model_name_or_path is None:
+        overrides["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    if config.task_type is None:
+        overrides["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    return overrides
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _atomic_write(directory: str, writers: dict) -> None:
+    """Write every file into a fresh temporary directory beside `directory`, then move them in with os.replace
+    (the whole directory at once when it does not exist yet). On error nothing in `directory` has changed."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"directory {directory!r} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fastpeft-tmp-", dir=parent)
+    try:
+        for name, write in writers.items():
+            path = os.path.join(tmp, name)
+            write(path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if not os.path.exists(directory):
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter directory is an ordinary one
+            os.replace(tmp, directory)
+        else:
+            for name in writers:  # weights first, config last: a config always describes complete weights
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

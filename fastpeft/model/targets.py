@@ -1,0 +1,105 @@
+"""Which modules a `LoraConfig` targets, by PEFT's rules: module-name suffixes, a regex fully matching the module
+path, or "all-linear" (every nn.Linear / Conv1D but the output head); plus which modules `modules_to_save` names.
+Nothing here changes the model."""
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from fastpeft.model.config import ALL_LINEAR, LoraConfig
+from fastpeft.model.saved_module import ModulesToSave
+from fastpeft.modules.lora import LoraLinear, is_conv1d
+
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT leaves these out of "all-linear" for SEQ_CLS models
+
+
+@dataclass(frozen=True)
+class Target:
+    """A layer to get the adapter: an nn.Linear / Conv1D, or a LoraLinear that gets one more adapter."""
+
+    path: str
+    module: nn.Module
+    r: int
+    lora_alpha: float
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.module.base_layer if isinstance(self.module, LoraLinear) else self.module
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoraLinear)) or is_conv1d(module)
+
+
+def visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module but the root and the insides of fastpeft wrappers (a wrapper itself counts)."""
+    found, wrappers = [], ()
+    for path, module in model.named_modules():
+        if not path or path.startswith(wrappers):
+            continue
+        found.append((path, module))
+        if isinstance(module, (LoraLinear, ModulesToSave)):
+            wrappers += (path + ".",)
+    return found
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+    """The layers `config.target_modules` selects, with their r and lora_alpha (after rank/alpha_pattern)."""
+    modules = visible_modules(model)
+    saved = config.modules_to_save or ()
+    all_linear = _all_linear(modules, model, config.task_type) if config.target_modules == ALL_LINEAR else set()
+    matched = [(path, module) for path, module in modules
+               if (path in all_linear or _is_target(config.target_modules, path))
+               and not any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in saved)]
+    if not matched:
+        raise ValueError(f"target_modules={_show(config.target_modules)} matches no module of "
+                         f"{type(model).__name__}; its linear layers are named e.g. {_linear_names(modules)}")
+    unsupported = [f"{path} ({type(module).__name__})" for path, module in matched if not is_linear(module)]
+    if unsupported:
+        raise ValueError(f"target_modules={_show(config.target_modules)} selects modules LoRA cannot wrap (it wraps "
+                         f"nn.Linear and transformers' Conv1D): {unsupported[:8]}")
+    return [Target(path, module, *config.rank_and_alpha(path)) for path, module in matched]
+
+
+def find_saved_modules(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """Modules `config.modules_to_save` names (PEFT's rule: the path ends with the name); outermost match only."""
+    if not config.modules_to_save:
+        return []
+    found, taken = [], ()
+    for path, module in visible_modules(model):
+        if path.startswith(taken) or not any(path.endswith(m) for m in config.modules_to_save):
+            continue
+        if isinstance(module, LoraLinear):
+            raise ValueError(f"modules_to_save names {path!r}, which already holds LoRA adapters")
+        found.append((path, module))
+        taken += (path + ".",)
+    if not found:
+        raise ValueError(f"modules_to_save={list(config.modules_to_save)} matches no module of {type(model).__name__}")
+    return found
+
+
+def _is_target(targets, path: str) -> bool:
+    if targets == ALL_LINEAR:
+        return False  # resolved by _all_linear
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return path in targets or any(path.endswith("." + t) for t in targets)
+
+
+def _all_linear(modules, model: nn.Module, task_type) -> set[str]:
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)),
+                    None)
+    return {path for path, module in modules
+            if is_linear(module) and (head is None or head not in (module, getattr(module, "base_layer", None)))}
+
+
+def _linear_names(modules) -> str:
+    leaves = sorted({path.rsplit(".", 1)[-1] for path, module in modules if is_linear(module)})
+    examples = [path for path, module in modules if is_linear(module)][:3]
+    return f"{leaves[:12]} (full paths like {examples})" if leaves else "none (it has no linear layers)"
+
+
+def _show(targets) -> str:
+    return repr(list(targets) if isinstance(targets, tuple) else targets)

