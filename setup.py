@@ -5,11 +5,13 @@ The CPU extension (`csrc/*.cpp`) is built ahead of time when torch is importable
 """
 import glob
 import os
+import platform
 
 from setuptools import setup
 
-packages = ["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.kernels"]
-package_dir = {"fastpeft.kernels": "kernels"}
+packages = ["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.model", "fastpeft.kernels", "fastpeft.csrc"]
+# csrc/ ships as fastpeft/csrc so an installed package can still JIT-compile the extension.
+package_dir = {"fastpeft.kernels": "kernels", "fastpeft.csrc": "csrc"}
 
 
 def extension_build():
@@ -20,9 +22,13 @@ def extension_build():
     except ImportError:  # isolated build without torch: JIT on first use instead
         return {}
     sources = sorted(glob.glob("csrc/*.cpp"))
-    ext = CppExtension("fastpeft._C", sources, extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v2"],
-                       extra_link_args=["-fopenmp"])
+    # The flags of fastpeft/_ext.py's JIT build (-ffp-contract=off keeps results bit-exact with torch's).
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        cflags.append("-march=x86-64-v2")
+    ext = CppExtension("fastpeft._C", sources, extra_compile_args=cflags, extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
-setup(packages=packages, package_dir=package_dir, package_data={"fastpeft": ["data/*"]}, **extension_build())
+setup(packages=packages, package_dir=package_dir,
+      package_data={"fastpeft": ["data/*"], "fastpeft.csrc": ["*.cpp", "*.h"]}, **extension_build())

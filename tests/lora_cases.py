@@ -93,11 +93,12 @@ def check_backend(backend: str, case: LoraCase, device="cpu") -> None:
     ref = lambda *t: lora_linear_ref(*t, case.scaling, case.dropout_p, case.seed)  # noqa: E731
     fast = lambda *t: lora_linear(*t, case.scaling, case.dropout_p, True, case.seed, backend)  # noqa: E731
     exact = _run(ref, _leaves(tensors, case, torch.float64), dy)
+    scale = _run(ref, _leaves([None if t is None else t.abs() for t in tensors], case, torch.float64), dy.abs())
     plain = _run(ref, _leaves(tensors, case, case.dtype), dy)
     got = _run(fast, _leaves(tensors, case, case.dtype), dy)
-    assert_close_to_reference("y", got[0], exact[0], plain[0], case.dtype)
-    for name, g, e, p in zip(("dx", "dweight", "dbias", "dlora_a", "dlora_b"), got[1], exact[1], plain[1]):
+    assert_close_to_reference("y", got[0], exact[0], plain[0], case.dtype, scale[0])
+    for name, g, e, p, s in zip(("dx", "dweight", "dbias", "dlora_a", "dlora_b"), got[1], exact[1], plain[1], scale[1]):
         if e is None:
             assert g is None, f"{name}: gradient given for a tensor that does not require one"
             continue
-        assert_close_to_reference(name, g, e, p, case.dtype)
+        assert_close_to_reference(name, g, e, p, case.dtype, s)

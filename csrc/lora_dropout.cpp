@@ -1,0 +1,236 @@
+// LoRA input dropout on CPU with the counter-based mask of fastpeft/ops/dropout.py, bit for bit.
+//
+// Element (row, col) of the logical [M, K] input is kept iff
+//     mix32(mix32(row ^ seed) + col * 0x9E3779B9) >= floor(p * 2**32)        (uint32 arithmetic)
+// and kept values are scaled by 1/(1-p); arithmetic is fp32 whatever the dtype. The row hash is computed
+// once per row; the column loop is branch-free (a select and a multiply) so the compiler vectorizes it.
+// Rows are split over torch's thread pool with at::parallel_for, so torch.set_num_threads governs them.
+//
+// The ops are registered in the `fastpeft` torch.library namespace (callable as torch.ops.fastpeft.*,
+// visible to torch.compile). One CompositeExplicitAutograd kernel serves CPU tensors and, for tracing,
+// meta tensors (shapes only); any other device fails the device check with a message.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace fastpeft {
+namespace {
+
+// The dtypes with native kernels: float32 and bfloat16 (scalar_t inside). float16 goes through float32
+// because c10::Half's scalar conversions do not vectorize (10x slower) while torch's .to() does.
+#define FASTPEFT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The row kernels are also built for AVX2 (8 lanes, not SSE's 4); the loader picks the clone the CPU runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTPEFT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTPEFT_CPU_CLONES
+#endif
+
+constexpr uint32_t kGolden = 0x9E3779B9u;
+constexpr int64_t kElementsPerTask = 16384;  // smallest piece of work handed to one thread
+
+// MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche.
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// The mask of one (seed, p): which elements survive and the factor they are multiplied by.
+struct HashMask {
+  uint32_t seed;
+  uint32_t threshold;  // keep_threshold(p) of dropout.py: floor(p * 2**32), clamped to uint32
+  float scale;         // 1/(1-p), rounded to float as torch rounds a Python scalar for a float tensor
+
+  HashMask(int64_t seed_, double p)
+      : seed(static_cast<uint32_t>(seed_)),  // low 32 bits, as `seed & 0xFFFFFFFF`
+        threshold(p * 4294967296.0 >= 4294967295.0 ? 0xFFFFFFFFu
+                                                   : static_cast<uint32_t>(p * 4294967296.0)),
+        scale(static_cast<float>(1.0 / (1.0 - p))) {}
+
+  uint32_t row_key(int64_t row) const { return mix32(static_cast<uint32_t>(row) ^ seed); }
+
+  bool keep(uint32_t row_key, int64_t col) const {
+    return mix32(row_key + static_cast<uint32_t>(col) * kGolden) >= threshold;
+  }
+
+  // Multiplier of element (row, col): 1/(1-p) if kept, else 0 (x * 0 keeps torch's -0 / NaN bits).
+  float factor(uint32_t row_key, int64_t col) const { return keep(row_key, col) ? scale : 0.0f; }
+};
+
+// The row kernels take the mask by value so that its fields live in registers (a store through `xd` could
+// otherwise alias `mask.scale`), and the column loops are branch-free: the compiler vectorizes them.
+// A unit column stride gets its own loop; any other stride is served by the general one.
+
+// xd[col] = x[col * x_step] * factor, for one row.
+template <typename T>
+FASTPEFT_CPU_CLONES void forward_row(const HashMask mask, int64_t row, const T* x, int64_t x_step, T* xd,
+                                     int64_t K) {
+  const uint32_t key = mask.row_key(row);
+  if (x_step == 1) {
+    for (int64_t col = 0; col < K; ++col)
+      xd[col] = static_cast<T>(static_cast<float>(x[col]) * mask.factor(key, col));
+  } else {
+    for (int64_t col = 0; col < K; ++col)
+      xd[col] = static_cast<T>(static_cast<float>(x[col * x_step]) * mask.factor(key, col));
+  }
+}
+
+// xd = x * factor and dx += t * factor, for one row.
+template <typename T>
+FASTPEFT_CPU_CLONES void backward_row(const HashMask mask, int64_t row, const T* x, int64_t x_step, const T* t,
+                                      int64_t t_step, T* dx, T* xd, int64_t K) {
+  const uint32_t key = mask.row_key(row);
+  auto body = [&](int64_t col, float x_value, float t_value) C10_ALWAYS_INLINE_ATTRIBUTE {  // else bf16 is scalar
+    const float f = mask.factor(key, col);
+    xd[col] = static_cast<T>(x_value * f);
+    const float masked_t = t_value * f;  // rounded before the add: built with -ffp-contract=off
+    dx[col] = static_cast<T>(static_cast<float>(dx[col]) + masked_t);
+  };
+  if (x_step == 1 && t_step == 1) {
+    for (int64_t col = 0; col < K; ++col) body(col, static_cast<float>(x[col]), static_cast<float>(t[col]));
+  } else {
+    for (int64_t col = 0; col < K; ++col)
+      body(col, static_cast<float>(x[col * x_step]), static_cast<float>(t[col * t_step]));
+  }
+}
+
+FASTPEFT_CPU_CLONES void mask_row(const HashMask mask, int64_t row, bool* keep, int64_t K) {
+  const uint32_t key = mask.row_key(row);
+  for (int64_t col = 0; col < K; ++col) keep[col] = mask.keep(key, col);
+}
+
+// Runs body(row) for every row in [0, rows), split over torch's threads in pieces of >= kElementsPerTask.
+template <typename Body>
+void for_each_row(int64_t rows, int64_t cols, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) body(row);
+  });
+}
+
+void check_2d(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, K], got ", t.dim(), "-D of shape ", t.sizes());
+  TORCH_CHECK(t.is_cpu() || t.is_meta(), op, ": ", name, " must be on the cpu, got ", t.device());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+              " dtype must be float32, bfloat16 or float16, got ", dtype);
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
+  check_2d(t, name, op);
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " shape ", t.sizes(), " must match x shape ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " must match x dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " device ", t.device(), " must match x device ",
+              x.device());
+}
+
+void check_p(double p, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must satisfy 0 <= p < 1, got ", p);
+}
+
+void check_rows(int64_t rows, const char* op) {
+  // The hash keys a row by its uint32 value (a column's uint32 value gives the reference's bits for any K).
+  TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
+}
+
+// xd = x * keep / (1-p), contiguous, in x's dtype (the fp32 product rounded once to it).
+at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p) {
+  constexpr const char* op = "dropout_forward";
+  check_2d(x, "x", op);
+  check_p(p, op);
+  check_rows(x.size(0), op);
+  auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.is_meta() || x.numel() == 0) return xd;
+  if (x.scalar_type() == at::kHalf) {  // the same numbers: fp32 products, each rounded once to half
+    return dropout_forward(x.to(at::kFloat), seed, p).to(at::kHalf);
+  }
+
+  const HashMask mask(seed, p);
+  const int64_t K = x.size(1);
+  FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    scalar_t* xd_ptr = xd.mutable_data_ptr<scalar_t>();
+    for_each_row(x.size(0), K, [&](int64_t row) {
+      forward_row(mask, row, x_ptr + row * x.stride(0), x.stride(1), xd_ptr + row * K, K);
+    });
+  });
+  return xd;
+}
+
+// One pass of the LoRA backward: returns xd as dropout_forward does, and dx += keep/(1-p) * t in place
+// (fp32 arithmetic, each result rounded once to the dtype).
+at::Tensor dropout_backward_(const at::Tensor& x, const at::Tensor& t, at::Tensor& dx, int64_t seed, double p) {
+  constexpr const char* op = "dropout_backward_";
+  check_2d(x, "x", op);
+  check_like(t, "t", x, op);
+  check_like(dx, "dx", x, op);
+  TORCH_CHECK(dx.is_contiguous(), op, ": dx must be contiguous, got strides ", dx.strides());
+  check_p(p, op);
+  check_rows(x.size(0), op);
+  auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.is_meta() || x.numel() == 0) return xd;
+  if (x.scalar_type() == at::kHalf) {  // the same numbers: fp32 arithmetic, each result rounded once to half
+    auto dx_float = dx.to(at::kFloat);
+    auto xd_float = dropout_backward_(x.to(at::kFloat), t.to(at::kFloat), dx_float, seed, p);
+    dx.copy_(dx_float);
+    return xd_float.to(at::kHalf);
+  }
+
+  const HashMask mask(seed, p);
+  const int64_t K = x.size(1);
+  FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* t_ptr = t.const_data_ptr<scalar_t>();
+    scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* xd_ptr = xd.mutable_data_ptr<scalar_t>();
+    for_each_row(x.size(0), K, [&](int64_t row) {
+      backward_row(mask, row, x_ptr + row * x.stride(0), x.stride(1), t_ptr + row * t.stride(0), t.stride(1),
+                   dx_ptr + row * K, xd_ptr + row * K, K);
+    });
+  });
+  return xd;
+}
+
+// The boolean [M, K] keep-mask itself, for tests (`device` is for tracing: cpu or meta).
+at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optional<at::Device> device) {
+  constexpr const char* op = "dropout_mask";
+  TORCH_CHECK(M >= 0 && K >= 0, op, ": M and K must be >= 0, got M=", M, ", K=", K);
+  check_p(p, op);
+  check_rows(M, op);
+  const at::Device where = device.value_or(at::kCPU);
+  TORCH_CHECK(where.is_cpu() || where.is_meta(), op, ": device must be cpu, got ", where);
+  auto keep = at::empty({M, K}, at::TensorOptions().dtype(at::kBool).device(where));
+  if (where.is_meta()) return keep;
+  const HashMask mask(seed, p);
+  bool* keep_ptr = keep.mutable_data_ptr<bool>();
+  for_each_row(M, K, [&](int64_t row) { mask_row(mask, row, keep_ptr + row * K, K); });
+  return keep;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
+  m.def("dropout_forward(Tensor x, int seed, float p) -> Tensor");
+  m.def("dropout_backward_(Tensor x, Tensor t, Tensor(a!) dx, int seed, float p) -> Tensor");
+  m.def("dropout_mask(int seed, int M, int K, float p, *, Device? device=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
+  m.impl("dropout_forward", &dropout_forward);
+  m.impl("dropout_backward_", &dropout_backward_);
+  m.impl("dropout_mask", &dropout_mask);
+}
+
+}  // namespace fastpeft
