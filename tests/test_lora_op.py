@@ -15,7 +15,7 @@ def test_cpu_backends_match_reference(backend, case):
     check_backend(backend, case)
 
 
-@examples(10)
+@examples(25)
 @given(case=lora_cases(max_m=24, max_kn=24, max_r=20))
 def test_triton_interpreted_matches_reference(case):
     check_backend("triton", case)
