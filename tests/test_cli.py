@@ -1,0 +1,114 @@
+"""The `fastpeft` command: `train` end to end on a tiny csv (in a subprocess, through `python -m fastpeft`), and its
+argument errors (exit status 2, with a message that says what is wrong)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpeft import demo
+from fastpeft.cli import main
+from fastpeft.demo import packaged_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+POSITIVE = ["I loved it.", "Wonderful service and great food.", "A delightful, clever film.", "Works perfectly.",
+            "Best purchase this year.", "The staff were kind and helpful.", "Beautiful and comfortable.",
+            "Highly recommended to everyone."]
+NEGATIVE = ["I hated it.", "Terrible service and cold food.", "A dull, clumsy film.", "Broke after a day.",
+            "Worst purchase this year.", "The staff were rude and slow.", "Ugly and uncomfortable.",
+            "Avoid it at all costs."]
+
+
+def write_csv(path: Path, rows) -> Path:
+    lines = ["review,sentiment"] + [f'"{text}",{label}' for text, label in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "reviews.csv", [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE])
+
+
+def test_train_end_to_end(tmp_path, tiny_csv):
+    out = tmp_path / "adapter"
+    command = [sys.executable, "-m", "fastpeft", "train", "--model", str(packaged_model_dir()), "--data", str(tiny_csv),
+               "--text-column", "review", "--label-column", "sentiment", "--output-dir", str(out), "--epochs", "1",
+               "--batch-size", "4", "--max-length", "32", "--target-modules", "query,value", "--test-fraction", "0.25"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data: 12 train / 4 test examples, labels ['neg', 'pos']" in done.stdout
+    assert "HF PEFT" in done.stdout and "all checks passed" in done.stdout
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["target_modules"]) == ["query", "value"]
+    assert config["modules_to_save"] == ["classifier", "score"]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def run_train(capsys, *args) -> str:
+    """Run `fastpeft train` with `args`, expect exit status 2 and return its error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", str(packaged_model_dir()), "--output-dir", "unused", *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_column_lists_the_columns(capsys, tiny_csv):
+    err = run_train(capsys, "--data", str(tiny_csv), "--label-column", "sentiment")
+    assert "no column 'text'; the columns are ['review', 'sentiment']" in err
+
+
+def test_empty_file(capsys, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty.jsonl: the file has no data rows" in run_train(capsys, "--data", str(empty))
+
+
+def test_unknown_test_label(capsys, tmp_path, tiny_csv):
+    test = write_csv(tmp_path / "test.csv", [("Fine, I guess.", "neutral")])
+    err = run_train(capsys, "--data", str(tiny_csv), "--test-data", str(test), "--text-column", "review",
+                    "--label-column", "sentiment")
+    assert "test.csv: unknown label(s) ['neutral']" in err
+
+
+def test_missing_data_file(capsys, tmp_path):
+    assert "data file not found" in run_train(capsys, "--data", str(tmp_path / "missing.csv"))
+
+
+def test_not_a_model_directory(capsys, tmp_path, tiny_csv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", str(tmp_path), "--data", str(tiny_csv), "--output-dir", "unused"])
+    assert exit_info.value.code == 2 and "has no config.json" in capsys.readouterr().err
+
+
+def test_bad_lora_settings(capsys, tiny_csv):
+    assert "lora_dropout" in run_train(capsys, "--data", str(tiny_csv), "--lora-dropout", "1.5")
+    assert "must be >= 1" in run_train(capsys, "--data", str(tiny_csv), "--r", "0")
+
+
+def test_demo_needs_no_arguments_and_rejects_unknown_ones(capsys):
+    from fastpeft.cli import build_parser
+    args = build_parser().parse_args(["demo"])
+    assert (args.epochs, args.r, args.seed, args.device) == (2, 8, 0, "cpu")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--bogus"])
+    assert exit_info.value.code == 2
+
+
+def test_a_failed_check_exits_with_status_1(monkeypatch):
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: ["fine-tuning did not improve test accuracy"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--output-dir", "unused"])
+    assert exit_info.value.code == 1
+
+
+def test_check_agreement_flags_different_predictions_or_logits():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    variants = {"same": logits.clone(), "close": logits + 1e-6, "drifted": logits + 1e-3,
+                "flipped": logits.flip(-1)}
+    failures = demo.check_agreement(logits, variants, log=lambda line: None)
+    assert [f.split()[1] for f in failures] == ["drifted", "flipped"]
