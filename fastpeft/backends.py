@@ -49,6 +49,7 @@ def requested(backend: str | None = None) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result  # fixed for a process: torch.compile bakes the choice into its graph
 def choose(device: torch.device, backend: str | None = None, ext_helps: bool = True) -> str:
     """The backend to run on `device`. `ext_helps=False` when the extension adds nothing for this call."""
     name = requested(backend)
