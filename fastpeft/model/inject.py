@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from fastpeft.model.adapter_config import AdapterConfig
+from fastpeft.model.adapter_inject import inject_adapters, refuse_lora
 from fastpeft.model.config import INITS_SUPPORTED, LoraConfig
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
@@ -15,9 +17,13 @@ CONFIGS = "_fastpeft_configs"  # model attribute: adapter name -> LoraConfig, in
 ACTIVE = "_fastpeft_active"  # model attribute: the active adapter's name
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig | AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap the layers `config` targets in LoraLinear (or add the adapter to layers already wrapped), make the new
-    adapter active, and freeze everything but it, its `modules_to_save` and the biases `config.bias` names."""
+    adapter active, and freeze everything but it, its `modules_to_save` and the biases `config.bias` names.
+    An AdapterConfig puts bottleneck adapters in instead (fastpeft.model.adapter_inject)."""
+    if isinstance(config, AdapterConfig):
+        return inject_adapters(model, config, adapter_name)
+    refuse_lora(model)
     check_new_adapter(model, config, adapter_name)
     if config.init_lora_weights not in INITS_SUPPORTED:
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs PEFT's data-driven initialisation; "

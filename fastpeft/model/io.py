@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastpeft.model.adapter_inject import bottleneck_names, refuse_lora
 from fastpeft.model.config import ALL_LINEAR, LoraConfig
 from fastpeft.model.inject import (active_adapter, adapter_config, adapter_layers, adapter_names, add_adapter,
                                    check_new_adapter, delete_adapter, lora_layers, saved_wrappers, set_adapter)
@@ -38,7 +39,10 @@ class Entry:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Write adapter `adapter_name` of `model` to `directory` in PEFT's format (peft's PeftModel.from_pretrained
-    loads it). Both files are written completely, then renamed into place."""
+    loads it). Both files are written completely, then renamed into place. Bottleneck adapters: adapter_io."""
+    if adapter_name in bottleneck_names(model):
+        from fastpeft.model import adapter_io  # bottleneck adapters; adapter_io builds on this module
+        return adapter_io.save_bottleneck(model, directory, adapter_name)
     config = adapter_config(model, adapter_name)
     targets, saved = _current_plan(model, adapter_name)
     entries = adapter_entries(model, config, adapter_name, targets, saved)
@@ -53,7 +57,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA adapter from `directory` as `adapter_name` and make it active. Injects it when the
-    model has no adapter of that name yet, else overwrites that adapter's weights (its settings must agree)."""
+    model has no adapter of that name yet, else overwrites that adapter's weights (its settings must agree).
+    A saved bottleneck adapter (method "bottleneck_adapter") is loaded by adapter_io instead."""
+    from fastpeft.model import adapter_io  # bottleneck adapters; adapter_io builds on this module
+    if adapter_io.is_bottleneck_dir(directory):
+        return adapter_io.load_bottleneck(model, directory, adapter_name)
+    refuse_lora(model)
     directory = os.fspath(directory)
     config = read_config(directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)

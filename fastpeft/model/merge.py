@@ -2,6 +2,7 @@
 or fold and strip every fastpeft layer (`merge_and_unload`)."""
 from torch import nn
 
+from fastpeft.model.adapter_inject import refuse_merge
 from fastpeft.model.inject import active_adapter, adapter_config, forget_adapters, lora_layers, saved_wrappers
 
 
@@ -43,6 +44,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def _active(model: nn.Module) -> str:
+    refuse_merge(model)
     name = active_adapter(model)
     adapter_config(model, name)  # a clear error when the model has no adapters
     return name

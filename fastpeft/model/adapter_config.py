@@ -1,0 +1,79 @@
+"""`AdapterConfig`: bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022's parallel
+adapter), validated on creation, and its conversion to and from the dict saved as `adapter_config.json`."""
+from dataclasses import asdict, dataclass, fields, replace
+
+from fastpeft.model.config import _names
+from fastpeft.modules.adapter import ACTIVATIONS, INITS, check_size_options
+from fastpeft.ops import checks
+
+METHOD = "bottleneck_adapter"  # the "method" key of adapter_config.json
+# Where the adapters go in each transformer layer:
+#   houlsby:  on the attention output projection and on the FFN output projection (serial, before residual + norm)
+#   pfeiffer: on the FFN output projection only (serial)
+#   parallel: beside the FFN, reading its input; scaling * adapter output is added to the FFN output
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck size by `bottleneck` (m) or `reduction_factor` (m = hidden // reduction_factor), exactly one.
+    `init`: "near-identity" (small Gaussian weights) or "zero-up" (the up projection zero: exactly the identity).
+    `layer_norm` puts a LayerNorm on the adapter's input. `modules_to_save` are trained in full (e.g. a head)."""
+
+    placement: str = "houlsby"
+    bottleneck: int | None = None
+    reduction_factor: float | None = None
+    activation: str = "relu"
+    init: str = "near-identity"
+    dropout: float = 0.0
+    scaling: float = 1.0
+    layer_norm: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        check_size_options(self.bottleneck, self.reduction_factor)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if isinstance(self.dropout, bool):
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        checks.check_probability("dropout", self.dropout)
+        if isinstance(self.scaling, bool) or checks.check_finite("scaling", self.scaling) == 0:
+            raise ValueError(f"scaling must be a finite non-zero number, got {self.scaling!r}")
+        if not isinstance(self.layer_norm, bool):
+            raise TypeError(f"layer_norm must be a bool, got {self.layer_norm!r}")
+        if self.modules_to_save is not None:
+            object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise TypeError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
+
+    def to_dict(self) -> dict:
+        """What `save_adapter` writes as adapter_config.json."""
+        own = asdict(self)
+        if own["modules_to_save"] is not None:
+            own["modules_to_save"] = list(own["modules_to_save"])
+        return {"method": METHOD, **own}
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "adapter config") -> "AdapterConfig":
+        """Read what `to_dict` wrote; an unknown key or a bad value is an error naming `source`."""
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        if config.get("method") != METHOD:
+            raise ValueError(f"{source}: method is {config.get('method')!r}, expected {METHOD!r}")
+        kwargs = {k: v for k, v in config.items() if k != "method"}
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown bottleneck adapter settings {unknown}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def replace(self, **changes) -> "AdapterConfig":
+        """A copy with `changes`, validated again."""
+        return replace(self, **changes)

@@ -1,0 +1,80 @@
+"""Save and load bottleneck adapters in the project's file pattern: `adapter_config.json` holding
+{"method": "bottleneck_adapter", <AdapterConfig fields>} and `adapter_model.safetensors` with keys
+`base_model.model.<wrapper path>.adapter.<param>` (down.weight [m, d], down.bias, up.weight [d, m], up.bias,
+layer_norm.*) and, as for LoRA, `base_model.model.<module path>.<param>` for modules_to_save.
+
+`save_adapter` / `load_adapter` of fastpeft.model.io hand bottleneck adapters to these functions. Writes are atomic;
+a load builds and fills the adapters aside, checking every key, shape and dtype, before it touches the model."""
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fastpeft.model.adapter_config import METHOD, AdapterConfig
+from fastpeft.model.adapter_inject import adapter_wrappers, apply, bottleneck_config, plan
+from fastpeft.model.io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, Entry, _atomic_write, _check_tensors, _write_text,
+                               read_weights)
+from fastpeft.model.saved_module import ModulesToSave
+
+
+def is_bottleneck_dir(directory) -> bool:
+    """Whether `directory` holds a saved bottleneck adapter (False for PEFT LoRA files, which name no method, and for
+    unreadable ones, whose problem the LoRA loader then reports)."""
+    try:
+        raw = _read_json(os.fspath(directory))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("method") == METHOD
+
+
+def save_bottleneck(model: nn.Module, directory, adapter_name: str = "default") -> None:
+    config = bottleneck_config(model, adapter_name)
+    wrappers = dict(adapter_wrappers(model))
+    saved = {path: m for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    tensors = {PREFIX + key: value.detach().to("cpu").clone().contiguous()
+               for key, value in _file_state(wrappers, saved, adapter_name).items()}
+    settings = {**config.to_dict(), "base_model_name_or_path":
+                config.base_model_name_or_path or getattr(model, "name_or_path", None) or None}
+    _atomic_write(os.fspath(directory), {
+        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda path: _write_text(path, json.dumps(settings, indent=2, sort_keys=True)),
+    })
+
+
+def load_bottleneck(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
+    """Put the saved adapters into `model` (which must have none yet), trainable as after `inject`."""
+    directory = os.fspath(directory)
+    config = AdapterConfig.from_dict(_read_json(directory), source=os.path.join(directory, CONFIG_NAME))
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    tensors = read_weights(weights_path)
+    planned = plan(model, config, adapter_name)
+    state = _file_state(planned.wrappers, planned.saved, adapter_name)
+    entries = {PREFIX + key: Entry(key, tuple(value.shape), value.dtype) for key, value in state.items()}
+    _check_tensors(entries, tensors, f"{weights_path} does not fit the {config.placement} bottleneck adapters of "
+                                     f"{type(model).__name__}")
+    with torch.no_grad():
+        for key, value in state.items():
+            value.copy_(tensors[PREFIX + key])
+    return apply(model, config, adapter_name, planned)
+
+
+def _file_state(wrappers: dict[str, nn.Module], saved: dict[str, ModulesToSave], name: str) -> dict:
+    """File key (without PREFIX) -> the live tensor it is read from / written to."""
+    state = {f"{path}.adapter.{key}": value for path, wrapper in wrappers.items()
+             for key, value in wrapper.adapter.state_dict().items()}
+    state.update({f"{path}.{key}": value for path, wrapper in saved.items() if name in wrapper.modules_to_save
+                  for key, value in wrapper.modules_to_save[name].state_dict().items()})
+    return state
+
+
+def _read_json(directory: str):
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved adapter directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
