@@ -46,7 +46,8 @@ def _aot_library() -> str | None:
         return None
     sources = _sources()
     if sources and sources[0].parent == _PACKAGE.parent / "csrc":
-        if max(s.stat().st_mtime for s in sources) > os.path.getmtime(spec.origin):
+        headers = list(sources[0].parent.glob("*.h"))
+        if max(s.stat().st_mtime for s in sources + headers) > os.path.getmtime(spec.origin):
             return None
     return spec.origin
 

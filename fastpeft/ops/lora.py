@@ -40,26 +40,38 @@ class LoraLinearTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, use_ext):
-        dropped = x2d
-        if dropout_p > 0.0:
-            dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
-        shrink = dropped.mm(lora_a.t())
-        del dropped
+        if use_ext and LoraLinearTorch._fused(x2d):  # fp32 [M, r] in one read of x, the mask applied on the fly
+            shrink = _ext_module().lora_shrink(x2d, lora_a, seed, dropout_p)
+        else:
+            dropped = x2d
+            if dropout_p > 0.0:
+                dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
+            shrink = dropped.mm(lora_a.t())
+            del dropped
         if _fold_pays(x2d, weight, dropout_p):
             folded = _folded_weight(weight, lora_a, lora_b, scaling)
             out = x2d.mm(folded.t()) if bias is None else torch.addmm(bias, x2d, folded.t())
         else:
             out = x2d.mm(weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
-            out.addmm_(shrink, lora_b.t(), alpha=scaling)
+            out.addmm_(shrink.to(x2d.dtype), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrink)
         ctx.config = (scaling, dropout_p, seed, use_ext, bias is not None)
         return out
+
+    @staticmethod
+    def _fused(x2d: torch.Tensor) -> bool:
+        """Whether the extension's fused low-rank passes (lora_shrink / lora_dy_pass / lora_dx_pass_) beat BLAS:
+        3-20x in bf16/fp16, whose thin GEMMs torch runs slowly on CPU; in fp32, MKL's thin GEMMs (with the
+        extension's dropout ops) are still as fast or faster, so fp32 keeps that path."""
+        return x2d.dtype != torch.float32
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, shrink = ctx.saved_tensors
         scaling, dropout_p, seed, use_ext, has_bias = ctx.config
         need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        if use_ext and LoraLinearTorch._fused(x2d):
+            return LoraLinearTorch._fused_backward(ctx, dy, x2d, weight, lora_a, lora_b, shrink)
         grad_lowrank = dy.mm(lora_b).mul_(scaling)  # [M, r]
         dx = da = None
         if dropout_p == 0.0:
@@ -83,6 +95,23 @@ class LoraLinearTorch(torch.autograd.Function):
                 dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
             da = grad_lowrank.t().mm(dropped) if need_da else None
         db = dy.t().mm(shrink).mul_(scaling) if need_db else None
+        dw = dy.t().mm(x2d) if need_dw else None
+        dbias = dy.sum(0) if need_dbias and has_bias else None
+        return dx, dw, dbias, da, db, None, None, None, None
+
+    @staticmethod
+    def _fused_backward(ctx, dy, x2d, weight, lora_a, lora_b, shrink):
+        """One read of dy gives G = s dy B and dB; one read of x gives dA and adds the masked G A into dx."""
+        scaling, dropout_p, seed, _, has_bias = ctx.config
+        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        ext = _ext_module()
+        grad_lowrank, db = ext.lora_dy_pass(dy, lora_b, shrink, scaling)  # fp32 [M, r], [N, r]
+        dx = dy.mm(weight) if need_dx else None  # (no weight folding: that is fp32 only)
+        da = None
+        if need_dx or need_da:
+            da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, dx, seed, dropout_p)
+        da = da.to(lora_a.dtype) if need_da else None
+        db = db.to(lora_b.dtype) if need_db else None
         dw = dy.t().mm(x2d) if need_dw else None
         dbias = dy.sum(0) if need_dbias and has_bias else None
         return dx, dw, dbias, da, db, None, None, None, None
@@ -122,9 +151,9 @@ class LoraLinearTriton(torch.autograd.Function):
 
 
 def _ext_module():
-    from fastpeft import _ext
-
-    return _ext.load()
+    # Only reached after backends.choose picked "ext", which loaded the library; reading torch.ops directly keeps
+    # torch.compile from tracing the loader.
+    return torch.ops.fastpeft
 
 
 def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -159,7 +188,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     dropout_p = float(dropout_p) if training else 0.0
     if seed is None:
         seed = new_seed() if dropout_p > 0.0 else 0
-    name = backends.choose(x.device, backend, ext_helps=dropout_p > 0.0)
+    name = backends.choose(x.device, backend, ext_helps=dropout_p > 0.0 or x.dtype != torch.float32)
     if name == "reference":
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
     x2d = x.reshape(-1, x.shape[-1])

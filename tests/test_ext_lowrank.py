@@ -1,0 +1,187 @@
+"""The fused low-rank CPU ops (csrc/lora_lowrank.cpp) against float64 torch math with the shared dropout mask.
+
+Each op accumulates in fp32 whatever the input dtype, so its error against float64 is that of an fp32 sum of the
+same terms: at most a few fp32 ulps of the sum of absolute values (`scale`), plus one rounding of dx to its dtype.
+"""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from budget import examples
+from fastpeft.ops.dropout import keep_mask
+from test_ext_dropout import DTYPES, ext, make_2d  # noqa: F401  (ext is a fixture)
+
+LAYOUTS = ["contiguous", "transposed", "column-strided", "row-padded"]
+FP32_SUM_RTOL = 1e-5  # an fp32 sum of up to ~100 terms: well within 2**-23 * terms
+ROUND_TO = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # half an ulp, relative
+
+seeds = st.integers(-(2**63), 2**63 - 1)
+rows = st.integers(1, 70)
+cols = st.integers(1, 90)
+ranks = st.integers(1, 64)
+probabilities = st.sampled_from([0.0, 0.1, 0.5])
+
+
+def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """float64 dropout of x with the reference mask (p == 0: x itself)."""
+    if p == 0.0:
+        return x.double()
+    return x.double() * keep_mask(seed, *x.shape, p).double() / (1.0 - p)
+
+
+def assert_fp32_sum(actual: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, extra_rel=0.0):
+    """|actual - exact| <= rtol * scale elementwise (scale: the same sum over absolute values)."""
+    assert actual.dtype == torch.float32 and actual.shape == exact.shape
+    budget = FP32_SUM_RTOL * scale + extra_rel * exact.abs() + 1e-30
+    err = (actual.double() - exact).abs()
+    assert (err <= budget).all(), f"max error {err.max().item():.3g}, worst ratio {(err / budget).max().item():.3g}"
+
+
+@examples(60)
+@given(seed=seeds, m=rows, k=cols, r=ranks, p=probabilities, dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(LAYOUTS), data_seed=st.integers(0, 2**31))
+def test_shrink_is_dropped_x_times_a_transposed(ext, seed, m, k, r, p, dtype, layout, data_seed):
+    x = make_2d(m, k, dtype, layout, data_seed)
+    a = make_2d(r, k, dtype, "contiguous", data_seed + 1)
+    s = ext.lora_shrink(x, a, seed, p)
+    assert s.is_contiguous()
+    xd = dropped(x, p, seed)
+    assert_fp32_sum(s, xd @ a.double().t(), xd.abs() @ a.double().abs().t())
+
+
+@examples(60)
+@given(m=rows, n=cols, r=ranks, dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+       scaling=st.floats(0.25, 4.0), data_seed=st.integers(0, 2**31))
+def test_dy_pass_gives_g_and_db(ext, m, n, r, dtype, layout, scaling, data_seed):
+    dy = make_2d(m, n, dtype, layout, data_seed)
+    b = make_2d(n, r, dtype, "contiguous", data_seed + 1)
+    s = make_2d(m, r, torch.float32, layout, data_seed + 2)
+    g, db = ext.lora_dy_pass(dy, b, s, scaling)
+    dy64, b64, s64 = dy.double(), b.double(), s.double()
+    # scaling is applied to b (and s) in fp32 first: one more rounding per term
+    assert_fp32_sum(g, scaling * dy64 @ b64, scaling * dy64.abs() @ b64.abs())
+    assert_fp32_sum(db, scaling * dy64.t() @ s64, scaling * dy64.abs().t() @ s64.abs())
+
+
+@examples(80)
+@given(seed=seeds, m=rows, k=cols, r=ranks, p=probabilities, dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(LAYOUTS), with_dx=st.booleans(), data_seed=st.integers(0, 2**31))
+def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dtype, layout, with_dx, data_seed):
+    x = make_2d(m, k, dtype, layout, data_seed)
+    g = make_2d(m, r, torch.float32, "contiguous", data_seed + 1)
+    a = make_2d(r, k, dtype, "contiguous", data_seed + 2)
+    dx = make_2d(m, k, dtype, "contiguous", data_seed + 3) if with_dx else None
+    dx_before = None if dx is None else dx.clone()
+    storage = None if dx is None else dx.data_ptr()
+
+    da = ext.lora_dx_pass_(x, g, a, dx, seed, p)
+
+    xd = dropped(x, p, seed)
+    assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
+    if dx is not None:
+        assert dx.data_ptr() == storage and dx.dtype == dtype
+        through_a = dropped(g.double() @ a.double(), p, seed)
+        scale = dx_before.double().abs() + dropped(g.double().abs() @ a.double().abs(), p, seed)
+        exact = dx_before.double() + through_a
+        err = (dx.double() - exact).abs()
+        budget = FP32_SUM_RTOL * scale + ROUND_TO[dtype] * exact.abs() + 1e-30
+        assert (err <= budget).all(), f"dx: max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
+    """Several column tiles (K, N > 1024) and row chunks on every thread: the partial sums must add up."""
+    m, k, n, r, p, seed = 203, 2100, 1500, 24, 0.1, 77
+    x, dy = make_2d(m, k, dtype, "contiguous", 1), make_2d(m, n, dtype, "row-padded", 2)
+    a, b = make_2d(r, k, dtype, "contiguous", 3), make_2d(n, r, dtype, "contiguous", 4)
+    s = ext.lora_shrink(x, a, seed, p)
+    xd = dropped(x, p, seed)
+    assert_fp32_sum(s, xd @ a.double().t(), xd.abs() @ a.double().abs().t())
+    g, db = ext.lora_dy_pass(dy, b, s, 2.0)
+    assert_fp32_sum(g, 2.0 * dy.double() @ b.double(), 2.0 * dy.double().abs() @ b.double().abs())
+    assert_fp32_sum(db, 2.0 * dy.double().t() @ s.double(), 2.0 * dy.double().abs().t() @ s.double().abs())
+    da = ext.lora_dx_pass_(x, g, a, None, seed, p)
+    assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_are_deterministic_for_a_thread_count(ext, threads):
+    m, k, n, r, p, seed = 517, 300, 200, 16, 0.1, 5
+    x, dy = make_2d(m, k, torch.float32, "contiguous", 1), make_2d(m, n, torch.float32, "contiguous", 2)
+    a, b = make_2d(r, k, torch.float32, "contiguous", 3), make_2d(n, r, torch.float32, "contiguous", 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for _ in range(2):
+            s = ext.lora_shrink(x, a, seed, p)
+            g, db = ext.lora_dy_pass(dy, b, s, 0.5)
+            dx = torch.zeros(m, k)
+            da = ext.lora_dx_pass_(x, g, a, dx, seed, p)
+            runs.append((s, g, db, da, dx))
+    finally:
+        torch.set_num_threads(before)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    xd = dropped(x, p, seed)
+    assert_fp32_sum(runs[0][3], runs[0][1].double().t() @ xd, runs[0][1].double().abs().t() @ xd.abs())
+
+
+def test_empty_and_meta_inputs(ext):
+    assert ext.lora_shrink(torch.empty(0, 5), torch.randn(3, 5), 1, 0.5).shape == (0, 3)
+    assert torch.equal(ext.lora_shrink(torch.empty(4, 0), torch.empty(3, 0), 1, 0.5), torch.zeros(4, 3))
+    g, db = ext.lora_dy_pass(torch.empty(0, 6), torch.randn(6, 2), torch.empty(0, 2), 1.0)
+    assert g.shape == (0, 2) and torch.equal(db, torch.zeros(6, 2))
+    assert torch.equal(ext.lora_dx_pass_(torch.empty(0, 5), torch.empty(0, 2), torch.randn(2, 5), None, 1, 0.1),
+                       torch.zeros(2, 5))
+    x = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
+    s = ext.lora_shrink(x, torch.empty(3, 7, device="meta", dtype=torch.bfloat16), 3, 0.1)
+    assert s.shape == (5, 3) and s.dtype == torch.float32 and s.device.type == "meta"
+    g, db = ext.lora_dy_pass(x, torch.empty(7, 3, device="meta"), s, 2.0)
+    assert g.shape == (5, 3) and db.shape == (7, 3) and db.dtype == torch.float32
+    da = ext.lora_dx_pass_(x, g, torch.empty(3, 7, device="meta"), torch.empty_like(x), 3, 0.1)
+    assert da.shape == (3, 7) and da.dtype == torch.float32 and da.device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_ops_pass_torch_library_opcheck(ext, dtype, p):
+    """Schemas, fake kernels and the in-place optional dx hold up under torch.compile's tracing."""
+    x, dy = make_2d(6, 5, dtype, "contiguous", 1), make_2d(6, 4, dtype, "transposed", 2)
+    a, b = make_2d(3, 5, dtype, "contiguous", 3), make_2d(4, 3, dtype, "contiguous", 4)
+    s, g = make_2d(6, 3, torch.float32, "contiguous", 5), make_2d(6, 3, torch.float32, "contiguous", 6)
+    torch.library.opcheck(torch.ops.fastpeft.lora_shrink.default, (x, a, 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_dy_pass.default, (dy, b, s, 2.0))
+    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, None, 3, p))
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.lora_shrink(_t(2, 3, 4), _t(2, 4), 0, 0.1), "lora_shrink: x must be 2-D"),
+    (lambda e: e.lora_shrink(_t(2, 3), _t(2, 4), 0, 0.1), "lora_shrink: a of shape .* must have K"),
+    (lambda e: e.lora_shrink(_t(2, 3, dtype=torch.float64), _t(2, 3), 0, 0.1), "x dtype must be float32"),
+    (lambda e: e.lora_shrink(_t(2, 3), _t(2, 3, dtype=torch.int32), 0, 0.1), "a dtype must be float32"),
+    (lambda e: e.lora_shrink(_t(2, 3), _t(2, 3), 0, 1.0), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_shrink(_t(2, 3), torch.empty(2, 3, device="meta"), 0, 0.1), "a device"),
+    (lambda e: e.lora_dy_pass(_t(4, 3), _t(2, 2), _t(4, 2), 1.0), "b of shape .* must have N"),
+    (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(5, 2), 1.0), "s of shape .* must have M"),
+    (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 3), 1.0), "s of shape .* must have r"),
+    (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 2, dtype=torch.bfloat16), 1.0), "s dtype must be float32"),
+    (lambda e: e.lora_dy_pass(_t(4), _t(3, 2), _t(4, 2), 1.0), "dy must be 2-D"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 5), None, 0, 0.1), "a of shape .* must have K"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(5, 2), _t(2, 3), None, 0, 0.1), "g of shape .* must have M"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(3, 3), None, 0, 0.1), "a of shape .* must have r"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2, dtype=torch.bfloat16), _t(2, 3), None, 0, 0.1), "g dtype"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 4), 0, 0.1), "dx shape"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 3, dtype=torch.bfloat16), 0, 0.1), "dx dtype"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 4).t(), 0, 0.1), "dx must be contiguous"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), None, 0, -0.5), "p must satisfy 0 <= p < 1"),
+])
+def test_bad_input_is_named(ext, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(ext)
