@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     problem.check(dtype)
     results = measure(problem, device, args.repeats, args.warmup)
     # The backend that lora_linear picks for these inputs (the extension only where dropout needs it).
-    backend = backends.choose(device, args.backend, ext_helps=args.dropout > 0.0)
+    backend = backends.choose(device, args.backend)
     params = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "backend": backend}
     shrink_bytes = args.shape["M"] * args.rank * dtype.itemsize
     return common.finish(common.make_report("lora", args, args.shape, params, results, ratios(results, shrink_bytes)), args)
