@@ -39,18 +39,15 @@ def _folded_weight(weight, lora_a, lora_b, scaling):
 
 class LoraLinearTorch(torch.autograd.Function):
     """Hand-fused PyTorch: one output buffer, addmm epilogues, and a backward that regenerates the dropout mask
-    from its seed (through the C++ extension when `use_ext`), so only x and the [M, r] shrink are saved."""
+    from its seed, so only x and the [M, r] shrink are saved. With `use_ext` (the `ext` backend) the low-rank
+    passes run in the C++ extension where that measured faster (`_fused`)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, use_ext):
-        if use_ext and LoraLinearTorch._fused(x2d):  # fp32 [M, r] in one read of x, the mask applied on the fly
+        if use_ext and LoraLinearTorch._fused(x2d, dropout_p):  # fp32 [M, r] in one read of x, the mask applied on the fly
             shrink = _ext_module().lora_shrink(x2d, lora_a, seed, dropout_p)
         else:
-            dropped = x2d
-            if dropout_p > 0.0:
-                dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
-            shrink = dropped.mm(lora_a.t())
-            del dropped
+            shrink = dropout_ref(x2d, dropout_p, seed).mm(lora_a.t())
         if _fold_pays(x2d, weight, dropout_p):
             folded = _folded_weight(weight, lora_a, lora_b, scaling)
             out = x2d.mm(folded.t()) if bias is None else torch.addmm(bias, x2d, folded.t())
@@ -62,18 +59,19 @@ class LoraLinearTorch(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _fused(x2d: torch.Tensor) -> bool:
-        """Whether the extension's fused low-rank passes (lora_shrink / lora_dy_pass / lora_dx_pass_) beat BLAS:
-        3-20x in bf16/fp16, whose thin GEMMs torch runs slowly on CPU; in fp32, MKL's thin GEMMs (with the
-        extension's dropout ops) are still as fast or faster, so fp32 keeps that path."""
-        return x2d.dtype != torch.float32
+    def _fused(x2d: torch.Tensor, dropout_p: float) -> bool:
+        """Whether the extension's fused low-rank passes (lora_shrink / lora_dy_pass / lora_dx_pass_) beat BLAS.
+        Measured end to end (fwd+bwd, 4096x768x768, r=16, 2 cores): bf16/fp16 3-20x, whose thin GEMMs torch runs
+        slowly on CPU; fp32 with dropout 1.18-1.24x base against 1.32-1.35x for BLAS plus separate [M, K]
+        dropout temporaries; fp32 without dropout, MKL's thin GEMMs on the folded weight are as fast (1.11 vs 1.13)."""
+        return x2d.dtype != torch.float32 or dropout_p > 0.0
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, shrink = ctx.saved_tensors
         scaling, dropout_p, seed, use_ext, has_bias = ctx.config
         need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        if use_ext and LoraLinearTorch._fused(x2d):
+        if use_ext and LoraLinearTorch._fused(x2d, dropout_p):
             return LoraLinearTorch._fused_backward(ctx, dy, x2d, weight, lora_a, lora_b, shrink)
         if use_ext and dropout_p == 0.0 and lora_a.shape[0] <= DY_PASS_MAX_RANK:  # one read of dy for both
             grad_lowrank, db = _ext_module().lora_dy_pass(dy, lora_b, shrink, scaling)
@@ -89,17 +87,10 @@ class LoraLinearTorch(torch.autograd.Function):
             if need_da:
                 da = x2d.t().mm(grad_lowrank).t()  # BLAS runs x^T G faster than G^T x
         elif need_dx or need_da:
-            if need_dx:
-                dx = dy.mm(weight)
-                through_a = grad_lowrank.mm(lora_a)  # [M, K], masked into dx with the forward's mask
-                if use_ext:
-                    dropped = _ext_module().dropout_backward_(x2d, through_a, dx, seed, dropout_p)
-                else:
-                    dx.add_(dropout_ref(through_a, dropout_p, seed))
-                    dropped = dropout_ref(x2d, dropout_p, seed)
-            else:
-                dropped = _ext_module().dropout_forward(x2d, seed, dropout_p) if use_ext else dropout_ref(x2d, dropout_p, seed)
-            da = dropped.t().mm(grad_lowrank).t() if need_da else None
+            if need_dx:  # G A masked with the forward's mask (same positions, same 1/(1-p))
+                dx = dy.mm(weight).add_(dropout_ref(grad_lowrank.mm(lora_a), dropout_p, seed))
+            if need_da:
+                da = dropout_ref(x2d, dropout_p, seed).t().mm(grad_lowrank).t()
         db = db if need_db else None
         dw = dy.t().mm(x2d) if need_dw else None
         dbias = dy.sum(0) if need_dbias and has_bias else None
