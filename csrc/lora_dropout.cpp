@@ -47,25 +47,6 @@ FASTPEFT_CPU_CLONES void forward_row(const HashMask mask, int64_t row, const T* 
   }
 }
 
-// xd = x * factor and dx += t * factor, for one row.
-template <typename T>
-FASTPEFT_CPU_CLONES void backward_row(const HashMask mask, int64_t row, const T* x, int64_t x_step, const T* t,
-                                      int64_t t_step, T* dx, T* xd, int64_t K) {
-  const uint32_t key = mask.row_key(row);
-  auto body = [&](int64_t col, float x_value, float t_value) C10_ALWAYS_INLINE_ATTRIBUTE {  // else bf16 is scalar
-    const float f = mask.factor(key, col);
-    xd[col] = static_cast<T>(x_value * f);
-    const float masked_t = t_value * f;  // rounded before the add: built with -ffp-contract=off
-    dx[col] = static_cast<T>(static_cast<float>(dx[col]) + masked_t);
-  };
-  if (x_step == 1 && t_step == 1) {
-    for (int64_t col = 0; col < K; ++col) body(col, static_cast<float>(x[col]), static_cast<float>(t[col]));
-  } else {
-    for (int64_t col = 0; col < K; ++col)
-      body(col, static_cast<float>(x[col * x_step]), static_cast<float>(t[col * t_step]));
-  }
-}
-
 FASTPEFT_CPU_CLONES void mask_row(const HashMask mask, int64_t row, bool* keep, int64_t K) {
   const uint32_t key = mask.row_key(row);
   for (int64_t col = 0; col < K; ++col) keep[col] = mask.keep(key, col);
@@ -86,15 +67,6 @@ void check_2d(const at::Tensor& t, const char* name, const char* op) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
               " dtype must be float32, bfloat16 or float16, got ", dtype);
-}
-
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
-  check_2d(t, name, op);
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " shape ", t.sizes(), " must match x shape ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-              " must match x dtype ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " device ", t.device(), " must match x device ",
-              x.device());
 }
 
 void check_p(double p, const char* op) {
@@ -130,40 +102,6 @@ at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p) {
   return xd;
 }
 
-// One pass of the LoRA backward: returns xd as dropout_forward does, and dx += keep/(1-p) * t in place
-// (fp32 arithmetic, each result rounded once to the dtype).
-at::Tensor dropout_backward_(const at::Tensor& x, const at::Tensor& t, at::Tensor& dx, int64_t seed, double p) {
-  constexpr const char* op = "dropout_backward_";
-  check_2d(x, "x", op);
-  check_like(t, "t", x, op);
-  check_like(dx, "dx", x, op);
-  TORCH_CHECK(dx.is_contiguous(), op, ": dx must be contiguous, got strides ", dx.strides());
-  check_p(p, op);
-  check_rows(x.size(0), op);
-  auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (x.is_meta() || x.numel() == 0) return xd;
-  if (x.scalar_type() == at::kHalf) {  // the same numbers: fp32 arithmetic, each result rounded once to half
-    auto dx_float = dx.to(at::kFloat);
-    auto xd_float = dropout_backward_(x.to(at::kFloat), t.to(at::kFloat), dx_float, seed, p);
-    dx.copy_(dx_float);
-    return xd_float.to(at::kHalf);
-  }
-
-  const HashMask mask(seed, p);
-  const int64_t K = x.size(1);
-  FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* t_ptr = t.const_data_ptr<scalar_t>();
-    scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();
-    scalar_t* xd_ptr = xd.mutable_data_ptr<scalar_t>();
-    for_each_row(x.size(0), K, [&](int64_t row) {
-      backward_row(mask, row, x_ptr + row * x.stride(0), x.stride(1), t_ptr + row * t.stride(0), t.stride(1),
-                   dx_ptr + row * K, xd_ptr + row * K, K);
-    });
-  });
-  return xd;
-}
-
 // The boolean [M, K] keep-mask itself, for tests (`device` is for tracing: cpu or meta).
 at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optional<at::Device> device) {
   constexpr const char* op = "dropout_mask";
@@ -184,13 +122,11 @@ at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optio
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("dropout_forward(Tensor x, int seed, float p) -> Tensor");
-  m.def("dropout_backward_(Tensor x, Tensor t, Tensor(a!) dx, int seed, float p) -> Tensor");
   m.def("dropout_mask(int seed, int M, int K, float p, *, Device? device=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("dropout_forward", &dropout_forward);
-  m.impl("dropout_backward_", &dropout_backward_);
   m.impl("dropout_mask", &dropout_mask);
 }
 
