@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 
@@ -128,23 +127,6 @@ def ratios(results: dict, bottleneck_bytes: int) -> dict:
     }
 
 
-def finish(report: dict, args: argparse.Namespace) -> dict:
-    """common.finish with the copy as the table's baseline."""
-    print(common.markdown_table(report, baseline="copy"))
-    print()
-    for name, value in report["ratios"].items():
-        print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
-    if args.json:
-        target = common.output_path(args.json, report, ".json")
-        target.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {target}")
-    if args.plot:
-        target = common.output_path(args.plot, report, ".png")
-        common.plot(report, target)
-        print(f"wrote {target}")
-    return report
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device, dtype = common.setup(args)
@@ -156,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = {"bottleneck": args.bottleneck, "activation": args.activation, "scaling": args.scaling,
               "dropout": args.dropout, "residual": args.residual, "backend": backend}
     bottleneck_bytes = args.shape["M"] * args.bottleneck * 4  # the fp32 pre-activation the Triton path keeps
-    return finish(common.make_report("adapter", args, args.shape, params, results, ratios(results, bottleneck_bytes)),
-                  args)
+    report = common.make_report("adapter", args, args.shape, params, results, ratios(results, bottleneck_bytes))
+    return common.finish(report, args, baseline="copy")
 
 
 if __name__ == "__main__":

@@ -216,9 +216,9 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def finish(report: dict, args: argparse.Namespace) -> dict:
-    """Print the table and ratios, then write the JSON and plot that were asked for."""
-    print(markdown_table(report))
+def finish(report: dict, args: argparse.Namespace, baseline: str = "base") -> dict:
+    """Print the table (times over `baseline`'s) and ratios, then write the JSON and plot that were asked for."""
+    print(markdown_table(report, baseline))
     print()
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
