@@ -97,23 +97,6 @@ class Problem:
         self.clear_grads()
 
 
-def measure(problem: Problem, device: torch.device, repeats: int, warmup: int) -> dict:
-    cases = {}
-    for impl in IMPLS:
-        cases[impl, "fwd"] = functools.partial(problem.forward, impl)
-        cases[impl, "fwd_bwd"] = functools.partial(problem.fwd_bwd, impl)
-    times = common.time_round_robin(cases, device, repeats, warmup, prepare=problem.clear_grads)
-    results = {}
-    for impl in IMPLS:
-        extra, everything = common.saved_bytes(functools.partial(problem.forward, impl), problem.alive)
-        results[impl] = {
-            "fwd_ms": times[impl, "fwd"], "fwd_bwd_ms": times[impl, "fwd_bwd"], "saved_bytes": extra,
-            "peak_bytes": common.peak_bytes(functools.partial(problem.fwd_bwd, impl), device, problem.clear_grads),
-            "saved_bytes_all": everything,
-        }
-    return results
-
-
 def ratios(results: dict, bottleneck_bytes: int) -> dict:
     def ratio(a: str, b: str, key: str = "fwd_bwd_ms") -> float:
         return results[a][key] / results[b][key]
@@ -132,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = common.setup(args)
     problem = Problem(args, device, dtype)
     problem.check(dtype)
-    results = measure(problem, device, args.repeats, args.warmup)
+    results = common.measure(problem, IMPLS, device, args.repeats, args.warmup)
     # The backend that bottleneck_adapter picks for these inputs (the extension only where dropout needs it).
     backend = backends.choose(device, args.backend, ext_helps=args.dropout > 0.0)
     params = {"bottleneck": args.bottleneck, "activation": args.activation, "scaling": args.scaling,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import platform
@@ -214,6 +215,24 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def measure(problem, impls, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Times, saved bytes and peak memory of each implementation of `problem` (forward, fwd_bwd, alive, clear_grads)."""
+    cases = {}
+    for impl in impls:
+        cases[impl, "fwd"] = functools.partial(problem.forward, impl)
+        cases[impl, "fwd_bwd"] = functools.partial(problem.fwd_bwd, impl)
+    times = time_round_robin(cases, device, repeats, warmup, prepare=problem.clear_grads)
+    results = {}
+    for impl in impls:
+        extra, everything = saved_bytes(functools.partial(problem.forward, impl), problem.alive)
+        results[impl] = {
+            "fwd_ms": times[impl, "fwd"], "fwd_bwd_ms": times[impl, "fwd_bwd"], "saved_bytes": extra,
+            "peak_bytes": peak_bytes(functools.partial(problem.fwd_bwd, impl), device, problem.clear_grads),
+            "saved_bytes_all": everything,
+        }
+    return results
 
 
 def finish(report: dict, args: argparse.Namespace, baseline: str = "base") -> dict:

@@ -109,23 +109,6 @@ class Problem:
         self.peft.train()
 
 
-def measure(problem: Problem, device: torch.device, repeats: int, warmup: int) -> dict:
-    cases = {}
-    for impl in IMPLS:
-        cases[impl, "fwd"] = functools.partial(problem.forward, impl)
-        cases[impl, "fwd_bwd"] = functools.partial(problem.fwd_bwd, impl)
-    times = common.time_round_robin(cases, device, repeats, warmup, prepare=problem.clear_grads)
-    results = {}
-    for impl in IMPLS:
-        extra, everything = common.saved_bytes(functools.partial(problem.forward, impl), problem.alive)
-        results[impl] = {
-            "fwd_ms": times[impl, "fwd"], "fwd_bwd_ms": times[impl, "fwd_bwd"], "saved_bytes": extra,
-            "peak_bytes": common.peak_bytes(functools.partial(problem.fwd_bwd, impl), device, problem.clear_grads),
-            "saved_bytes_all": everything,
-        }
-    return results
-
-
 def ratios(results: dict, shrink_bytes: int) -> dict:
     def ratio(a: str, b: str, key: str = "fwd_bwd_ms") -> float:
         return results[a][key] / results[b][key]
@@ -147,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = common.setup(args)
     problem = Problem(args.shape, args.rank, args.alpha, args.dropout, args.backend, device, dtype)
     problem.check(dtype)
-    results = measure(problem, device, args.repeats, args.warmup)
+    results = common.measure(problem, IMPLS, device, args.repeats, args.warmup)
     # The backend that lora_linear picks for these inputs (the extension only where dropout needs it).
     backend = backends.choose(device, args.backend)
     params = {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "backend": backend}

@@ -5,6 +5,7 @@ import torch
 from hypothesis import strategies as st
 
 from fastpeft.ops.adapter import ACTIVATIONS, bottleneck_adapter, bottleneck_adapter_ref
+from layouts import with_layout
 from numerics import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -78,19 +79,9 @@ def make_inputs(case: AdapterCase, device="cpu"):
     return [move(t) for t in (h, w_down, b_down, w_up, b_up, residual)], move(dy)
 
 
-def _with_layout(x: torch.Tensor, layout: str, dtype) -> torch.Tensor:
-    if layout == "strided":  # every other column of a wider buffer
-        buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=dtype, device=x.device)
-        buf[..., ::2] = x
-        return buf[..., ::2]
-    if layout == "transposed":  # rows are the fast dimension
-        return x.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
-    return x.to(dtype)
-
-
 def _leaves(tensors, case: AdapterCase, dtype):
     h, *rest = (None if t is None else t.detach() for t in tensors)
-    leaves = [_with_layout(h, case.layout, dtype)] + [None if t is None else t.to(dtype).clone() for t in rest]
+    leaves = [with_layout(h, case.layout, dtype)] + [None if t is None else t.to(dtype).clone() for t in rest]
     trainable = (case.h_trainable, True, True, True, True, True)
     return [None if t is None else t.requires_grad_(want) for t, want in zip(leaves, trainable)]
 

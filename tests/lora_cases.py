@@ -5,6 +5,7 @@ import torch
 from hypothesis import strategies as st
 
 from fastpeft.ops.lora import lora_linear, lora_linear_ref
+from layouts import with_layout
 from numerics import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -60,21 +61,10 @@ def make_inputs(case: LoraCase, device="cpu"):
     return [move(t) for t in (x, weight, bias, lora_a, lora_b)], move(dy)
 
 
-def _with_layout(x: torch.Tensor, layout: str, dtype) -> torch.Tensor:
-    """`x` cast to `dtype` in the memory layout the case asks for (a view that is not contiguous)."""
-    if layout == "strided":  # every other column of a wider buffer
-        buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=dtype, device=x.device)
-        buf[..., ::2] = x
-        return buf[..., ::2]
-    if layout == "transposed":  # rows are the fast dimension
-        return x.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
-    return x.to(dtype)
-
-
 def _leaves(tensors, case: LoraCase, dtype):
     x, weight, bias, lora_a, lora_b = (None if t is None else t.detach().clone() for t in tensors)
-    x = _with_layout(x, case.layout, dtype)
-    weight = _with_layout(weight, "transposed" if case.weight_transposed else "contiguous", dtype)
+    x = with_layout(x, case.layout, dtype)
+    weight = with_layout(weight, "transposed" if case.weight_transposed else "contiguous", dtype)
     leaves = [x, weight, None if bias is None else bias.to(dtype), lora_a.to(dtype), lora_b.to(dtype)]
     trainable = (True, case.weight_trainable, case.weight_trainable, True, True)
     return [None if t is None else t.requires_grad_(want) for t, want in zip(leaves, trainable)]
