@@ -21,6 +21,7 @@ from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import find_saved_modules
 from fastpeft.modules.adapter import BottleneckAdapter, ParallelAdapter, SerialAdapter
 from fastpeft.modules.lora import LoraLinear
+from fastpeft.model.validate import check_inject_args
 
 REGISTRY = "_fastpeft_bottleneck"  # model attribute: {adapter name: AdapterConfig}, at most one entry
 SHOW_TYPES = 12  # how many module types an unknown-architecture error lists
@@ -125,12 +126,7 @@ class Plan:
 
 
 def check_new(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be a fastpeft AdapterConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    check_inject_args(model, config, AdapterConfig, adapter_name)
     if bottleneck_names(model):
         raise ValueError(f"the model already has bottleneck adapter {bottleneck_names(model)[0]!r}; a model holds "
                          "one (start again from the base model to use another)")

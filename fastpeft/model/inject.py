@@ -12,6 +12,7 @@ from fastpeft.model.config import INITS_SUPPORTED, LoraConfig
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
 from fastpeft.modules.lora import LoraLinear
+from fastpeft.model.validate import check_inject_args
 
 CONFIGS = "_fastpeft_configs"  # model attribute: adapter name -> LoraConfig, in injection order
 ACTIVE = "_fastpeft_active"  # model attribute: the active adapter's name
@@ -173,12 +174,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def check_new_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Errors for an `inject` / `load_adapter` that cannot add `adapter_name` to `model`."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a fastpeft LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    check_inject_args(model, config, LoraConfig, adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; "
                          "delete_adapter it or pick another name")
