@@ -19,9 +19,9 @@ from torch import nn
 from fastpeft.model.adapter_config import AdapterConfig
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import find_saved_modules
+from fastpeft.model.validate import check_inject_args
 from fastpeft.modules.adapter import BottleneckAdapter, ParallelAdapter, SerialAdapter
 from fastpeft.modules.lora import LoraLinear
-from fastpeft.model.validate import check_inject_args
 
 REGISTRY = "_fastpeft_bottleneck"  # model attribute: {adapter name: AdapterConfig}, at most one entry
 SHOW_TYPES = 12  # how many module types an unknown-architecture error lists

@@ -11,8 +11,8 @@ from fastpeft.model.adapter_inject import inject_adapters, refuse_lora
 from fastpeft.model.config import INITS_SUPPORTED, LoraConfig
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
-from fastpeft.modules.lora import LoraLinear
 from fastpeft.model.validate import check_inject_args
+from fastpeft.modules.lora import LoraLinear
 
 CONFIGS = "_fastpeft_configs"  # model attribute: adapter name -> LoraConfig, in injection order
 ACTIVE = "_fastpeft_active"  # model attribute: the active adapter's name
