@@ -4,6 +4,8 @@
                    HF PEFT, save, reload, merge and check (no arguments needed, nothing downloaded)
   fastpeft train   the same on your own local model directory and .csv / .jsonl data
   --method adapter in either: bottleneck adapters instead of LoRA (no PEFT comparison, no merge: a reload check)
+  --method diff    in either: diff pruning: an L0-penalised search (--search-epochs), projection to a fixed sparse
+                   mask (--density), then training of the kept values (--epochs); unmerge / merge / reload checks
 """
 import argparse
 from pathlib import Path
@@ -13,17 +15,24 @@ import transformers
 
 from fastpeft import demo
 from fastpeft.datasets import load_splits
-from fastpeft.model import AdapterConfig, LoraConfig
+from fastpeft.model import AdapterConfig, DiffPruningConfig, LoraConfig
 from fastpeft.model.adapter_config import PLACEMENTS
 
 CLASSIFIER_HEADS = ["classifier", "score"]  # the head's name in HF *ForSequenceClassification models
-METHODS = ("lora", "adapter")
+METHODS = ("lora", "adapter", "diff")
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def density(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
@@ -53,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo.add_argument("--output-dir", type=Path, default=Path("fastpeft-demo"), help="where the adapter is saved")
     run_demo.add_argument("--seed", type=int, default=0, help="seed of the head, LoRA init, dropout, shuffling")
     run_demo.add_argument("--device", type=device, default="cpu", help="torch device")
-    run_demo.add_argument("--method", choices=METHODS, default="lora", help="LoRA or bottleneck adapters")
+    run_demo.add_argument("--method", choices=METHODS, default="lora",
+                          help="LoRA, bottleneck adapters or diff pruning")
+    add_diff_arguments(run_demo, demo.DIFF_DEMO["density"])
 
     train = commands.add_parser("train", help="LoRA-fine-tune a local model on a local labelled .csv / .jsonl file",
                                 formatter_class=defaults)
@@ -75,12 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", type=device, default="cpu", help="torch device")
     train.add_argument("--target-modules", type=target_modules, default="all-linear",
                        help='comma-separated module names (e.g. "query,value") or "all-linear"')
-    train.add_argument("--method", choices=METHODS, default="lora", help="LoRA or bottleneck adapters")
+    train.add_argument("--method", choices=METHODS, default="lora", help="LoRA, bottleneck adapters or diff pruning")
     train.add_argument("--placement", choices=PLACEMENTS, default="houlsby",
                        help="where bottleneck adapters go (--method adapter)")
     train.add_argument("--bottleneck", type=positive_int, default=32,
                        help="bottleneck adapter width (--method adapter)")
+    add_diff_arguments(train, DiffPruningConfig.density)
     return parser
+
+
+def add_diff_arguments(parser: argparse.ArgumentParser, default_density: float) -> None:
+    parser.add_argument("--search-epochs", type=positive_int, default=1,
+                        help="epochs of the L0-penalised search before the mask is fixed (--method diff)")
+    parser.add_argument("--density", type=density, default=default_density,
+                        help="fraction of each targeted weight's entries kept (--method diff)")
 
 
 def train_config(args, parser: argparse.ArgumentParser) -> demo.RunConfig:
@@ -91,6 +110,9 @@ def train_config(args, parser: argparse.ArgumentParser) -> demo.RunConfig:
         if args.method == "adapter":
             lora = AdapterConfig(placement=args.placement, bottleneck=args.bottleneck, dropout=0.1,
                                  modules_to_save=CLASSIFIER_HEADS)
+        elif args.method == "diff":
+            lora = DiffPruningConfig(target_modules=args.target_modules, density=args.density,
+                                     modules_to_save=CLASSIFIER_HEADS)
         else:
             lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                               target_modules=args.target_modules, modules_to_save=CLASSIFIER_HEADS)
@@ -98,7 +120,7 @@ def train_config(args, parser: argparse.ArgumentParser) -> demo.RunConfig:
         parser.error(str(e))
     return demo.RunConfig(args.model, args.output_dir, lora, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, device=args.device,
-                          require_improvement=False)
+                          require_improvement=False, search_epochs=args.search_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     if args.command == "demo":
         failures = demo.run_demo(epochs=args.epochs, r=args.r, output_dir=args.output_dir, seed=args.seed,
-                                 device=args.device, method=args.method)
+                                 device=args.device, method=args.method, search_epochs=args.search_epochs,
+                                 density=args.density)
     else:
         cfg = train_config(args, parser)
         try:

@@ -8,6 +8,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,12 +51,24 @@ class EncodedText:
                 for s in range(0, len(order), batch_size)]
 
 
-def training_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer) -> float:
+def training_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
+                  penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimizer step on the model's loss plus `penalty()` when given (e.g. diff pruning's L0 term); returns the
+    model's loss alone."""
     loss = model(**batch).loss
-    loss.backward()
+    (loss if penalty is None else loss + penalty()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()  # also waits for the device, so the step's wall time is complete
+
+
+def param_groups(model: nn.Module, lr: float, lr_scales: dict[str, float]) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: one at `lr`, one per `lr_scales` suffix that matches."""
+    groups = {None: []} | {suffix: [] for suffix in lr_scales}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[next((s for s in lr_scales if name.endswith(s)), None)].append(p)
+    return [{"params": params, "lr": lr * lr_scales.get(suffix, 1.0)} for suffix, params in groups.items() if params]
 
 
 @dataclass
@@ -70,18 +83,22 @@ class TrainResult:
 
 
 def train(model: nn.Module, data: EncodedText, epochs: int = 3, lr: float = 1e-3, batch_size: int = 16,
-          warmup_ratio: float = 0.1, seed: int = 0, device="cpu", progress: bool = True) -> TrainResult:
-    """Fine-tune the parameters that require grad; batches are reshuffled every epoch."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+          warmup_ratio: float = 0.1, seed: int = 0, device="cpu", progress: bool = True,
+          penalty: Callable[[], torch.Tensor] | None = None, desc: str = "fine-tuning",
+          lr_scales: dict[str, float] | None = None) -> TrainResult:
+    """Fine-tune the parameters that require grad, minimising the model's loss plus `penalty()` (if given, called
+    at every step); batches are reshuffled every epoch. `losses` are the model's losses, without the penalty.
+    `lr_scales` maps a parameter-name suffix to a multiple of `lr` for the parameters whose names end with it."""
+    optimizer = torch.optim.AdamW(param_groups(model, lr, lr_scales or {}), lr=lr)
     total = epochs * math.ceil(len(data) / batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
     result = TrainResult()
     model.train()
-    with tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
         for epoch in range(epochs):
             for batch in data.batches(batch_size, shuffle_seed=seed + epoch):
                 start = time.perf_counter()
-                loss = training_step(model, batch.to(device), optimizer)
+                loss = training_step(model, batch.to(device), optimizer, penalty)
                 result.step_ms.append(1e3 * (time.perf_counter() - start))
                 result.losses.append(loss)
                 scheduler.step()

@@ -12,6 +12,7 @@ import torch
 from fastpeft import demo
 from fastpeft.cli import main
 from fastpeft.demo import packaged_model_dir
+from fastpeft.model import DiffPruningConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIVE = ["I loved it.", "Wonderful service and great food.", "A delightful, clever film.", "Works perfectly.",
@@ -88,6 +89,45 @@ def test_not_a_model_directory(capsys, tmp_path, tiny_csv):
 def test_bad_lora_settings(capsys, tiny_csv):
     assert "lora_dropout" in run_train(capsys, "--data", str(tiny_csv), "--lora-dropout", "1.5")
     assert "must be >= 1" in run_train(capsys, "--data", str(tiny_csv), "--r", "0")
+
+
+def test_bad_diff_settings(capsys, tiny_csv):
+    for bad in ("0", "1.5", "nan"):
+        assert "--density: must be in (0, 1]" in run_train(capsys, "--data", str(tiny_csv), "--method", "diff",
+                                                             "--density", bad)
+    assert "--search-epochs: must be >= 1" in run_train(capsys, "--data", str(tiny_csv), "--search-epochs", "0")
+
+
+def test_train_method_diff_end_to_end(tmp_path, capsys, tiny_csv):
+    """Both stages on the tiny csv: 3 search steps, projection to 5% per weight, 3 fixed-mask steps; then the
+    unmerge / merge / reload / merge_and_unload checks."""
+    out = tmp_path / "adapter"
+    assert main(["train", "--method", "diff", "--search-epochs", "1", "--density", "0.05", "--model",
+                 str(packaged_model_dir()), "--data", str(tiny_csv), "--text-column", "review", "--label-column",
+                 "sentiment", "--output-dir", str(out), "--epochs", "1", "--batch-size", "4", "--max-length", "32",
+                 "--target-modules", "query,value", "--test-fraction", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert "diff pruning (density 0.05 per_weight, L0 search" in printed and "search: 3 steps" in printed
+    assert "projected to a fixed mask: nnz 88,476 of 1,769,472 entries of 12 weights (density 0.0500)" in printed
+    assert "HF PEFT comparison skipped: PEFT has no diff pruning" in printed
+    assert all(f"  {name} " in printed for name in ("unmerged", "merged", "reloaded", "merge_and_unload"))
+    assert "all checks passed" in printed
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["method"], config["density"], config["target_modules"]) == ("diff_pruning", 0.05,
+                                                                               ["query", "value"])
+    assert config["modules_to_save"] == ["classifier", "score"]
+
+
+def test_demo_method_diff_is_wired_through(monkeypatch):
+    """The full demo takes about a minute on CPU; its run is the one `train` above exercises."""
+    cfg = demo.demo_config(method="diff", search_epochs=2, density=0.02)
+    assert isinstance(cfg.lora, DiffPruningConfig) and cfg.search_epochs == 2
+    assert cfg.lora.density == 0.02 and cfg.lora.modules_to_save == ("classifier",)
+    assert demo.demo_config(method="diff").lora.density == demo.DIFF_DEMO["density"]
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(kwargs) or [])
+    assert main(["demo", "--method", "diff", "--search-epochs", "2", "--density", "0.02"]) == 0
+    assert (seen["method"], seen["search_epochs"], seen["density"]) == ("diff", 2, 0.02)
 
 
 def test_demo_needs_no_arguments_and_rejects_unknown_ones(capsys):

@@ -9,6 +9,8 @@ from torch import nn
 from fastpeft.model.adapter_config import AdapterConfig
 from fastpeft.model.adapter_inject import inject_adapters, refuse_lora
 from fastpeft.model.config import INITS_SUPPORTED, LoraConfig
+from fastpeft.model.diff_config import DiffPruningConfig
+from fastpeft.model.diff_inject import inject_diff, refuse_diff
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
 from fastpeft.model.validate import check_inject_args
@@ -18,13 +20,19 @@ CONFIGS = "_fastpeft_configs"  # model attribute: adapter name -> LoraConfig, in
 ACTIVE = "_fastpeft_active"  # model attribute: the active adapter's name
 
 
-def inject(model: nn.Module, config: LoraConfig | AdapterConfig, adapter_name: str = "default") -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig | AdapterConfig | DiffPruningConfig,
+           adapter_name: str = "default") -> nn.Module:
     """Wrap the layers `config` targets in LoraLinear (or add the adapter to layers already wrapped), make the new
     adapter active, and freeze everything but it, its `modules_to_save` and the biases `config.bias` names.
-    An AdapterConfig puts bottleneck adapters in instead (fastpeft.model.adapter_inject)."""
+    An AdapterConfig puts bottleneck adapters in instead (fastpeft.model.adapter_inject), a DiffPruningConfig diff
+    pruning's search layers (fastpeft.model.diff_inject)."""
+    if isinstance(config, DiffPruningConfig):
+        return inject_diff(model, config, adapter_name)
     if isinstance(config, AdapterConfig):
+        refuse_diff(model, "bottleneck adapters")
         return inject_adapters(model, config, adapter_name)
     refuse_lora(model)
+    refuse_diff(model, "LoRA adapters")
     check_new_adapter(model, config, adapter_name)
     if config.init_lora_weights not in INITS_SUPPORTED:
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs PEFT's data-driven initialisation; "

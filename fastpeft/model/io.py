@@ -16,6 +16,7 @@ from torch import nn
 
 from fastpeft.model.adapter_inject import bottleneck_names, refuse_lora
 from fastpeft.model.config import ALL_LINEAR, LoraConfig
+from fastpeft.model.diff_inject import diff_names, refuse_diff
 from fastpeft.model.inject import (active_adapter, adapter_config, adapter_layers, adapter_names, add_adapter,
                                    check_new_adapter, delete_adapter, lora_layers, saved_wrappers, set_adapter)
 from fastpeft.model.saved_module import ModulesToSave
@@ -39,7 +40,11 @@ class Entry:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Write adapter `adapter_name` of `model` to `directory` in PEFT's format (peft's PeftModel.from_pretrained
-    loads it). Both files are written completely, then renamed into place. Bottleneck adapters: adapter_io."""
+    loads it). Both files are written completely, then renamed into place. Bottleneck adapters: adapter_io; diff
+    pruning: diff_io."""
+    if diff_names(model):  # a model with a diff pruning adapter holds no other kind
+        from fastpeft.model import diff_io  # diff pruning; diff_io builds on this module
+        return diff_io.save_diff(model, directory, adapter_name)
     if adapter_name in bottleneck_names(model):
         from fastpeft.model import adapter_io  # bottleneck adapters; adapter_io builds on this module
         return adapter_io.save_bottleneck(model, directory, adapter_name)
@@ -58,11 +63,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT-format LoRA adapter from `directory` as `adapter_name` and make it active. Injects it when the
     model has no adapter of that name yet, else overwrites that adapter's weights (its settings must agree).
-    A saved bottleneck adapter (method "bottleneck_adapter") is loaded by adapter_io instead."""
-    from fastpeft.model import adapter_io  # bottleneck adapters; adapter_io builds on this module
+    A saved bottleneck adapter (method "bottleneck_adapter") is loaded by adapter_io instead, a diff pruning one
+    (method "diff_pruning") by diff_io."""
+    from fastpeft.model import adapter_io, diff_io  # other methods; they build on this module
+    if diff_io.is_diff_dir(directory):
+        return diff_io.load_diff(model, directory, adapter_name)
     if adapter_io.is_bottleneck_dir(directory):
+        refuse_diff(model, "bottleneck adapters")
         return adapter_io.load_bottleneck(model, directory, adapter_name)
     refuse_lora(model)
+    refuse_diff(model, "LoRA adapters")
     directory = os.fspath(directory)
     config = read_config(directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -105,15 +115,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 
 def read_config(directory: str) -> LoraConfig:
+    return LoraConfig.from_peft_dict(read_json(directory), source=os.path.join(directory, CONFIG_NAME))
+
+
+def read_json(directory: str):
+    """The parsed adapter_config.json of `directory`; errors name the file."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved adapter directory")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return LoraConfig.from_peft_dict(raw, source=path)
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""Which modules a `LoraConfig` targets, by PEFT's rules: module-name suffixes, a regex fully matching the module
-path, or "all-linear" (every nn.Linear / Conv1D but the output head); plus which modules `modules_to_save` names.
-Nothing here changes the model."""
+"""Which modules a `LoraConfig` (or a diff pruning config) targets, by PEFT's rules: module-name suffixes, a regex
+fully matching the module path, or "all-linear" (every nn.Linear / Conv1D but the output head); plus which modules
+`modules_to_save` names. Nothing here changes the model."""
 import re
 from dataclasses import dataclass
 
@@ -45,20 +45,28 @@ def visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The layers `config.target_modules` selects, with their r and lora_alpha (after rank/alpha_pattern)."""
+    matched = match_linear(model, config.target_modules, config.modules_to_save, config.task_type)
+    return [Target(path, module, *config.rank_and_alpha(path)) for path, module in matched]
+
+
+def match_linear(model: nn.Module, target_modules, modules_to_save=None, task_type=None,
+                 method: str = "LoRA") -> list[tuple[str, nn.Module]]:
+    """(path, module) of the linear layers `target_modules` selects (PEFT's rules), leaving out `modules_to_save`;
+    an error naming `method` when they match nothing or something that is not linear."""
     modules = visible_modules(model)
-    saved = config.modules_to_save or ()
-    all_linear = _all_linear(modules, model, config.task_type) if config.target_modules == ALL_LINEAR else set()
+    saved = modules_to_save or ()
+    all_linear = _all_linear(modules, model, task_type) if target_modules == ALL_LINEAR else set()
     matched = [(path, module) for path, module in modules
-               if (path in all_linear or _is_target(config.target_modules, path))
+               if (path in all_linear or _is_target(target_modules, path))
                and not any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in saved)]
     if not matched:
-        raise ValueError(f"target_modules={_show(config.target_modules)} matches no module of "
+        raise ValueError(f"target_modules={_show(target_modules)} matches no module of "
                          f"{type(model).__name__}; its linear layers are named e.g. {_linear_names(modules)}")
     unsupported = [f"{path} ({type(module).__name__})" for path, module in matched if not is_linear(module)]
     if unsupported:
-        raise ValueError(f"target_modules={_show(config.target_modules)} selects modules LoRA cannot wrap (it wraps "
+        raise ValueError(f"target_modules={_show(target_modules)} selects modules {method} cannot wrap (it wraps "
                          f"nn.Linear and transformers' Conv1D): {unsupported[:8]}")
-    return [Target(path, module, *config.rank_and_alpha(path)) for path, module in matched]
+    return matched
 
 
 def find_saved_modules(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:

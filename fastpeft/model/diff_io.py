@@ -1,0 +1,147 @@
+"""Save and load diff pruning adapters (the fixed-mask stage) in the project's file pattern: `adapter_config.json`
+holding {"method": "diff_pruning", <DiffPruningConfig fields>} and `adapter_model.safetensors` with, per layer,
+`base_model.model.<layer path>.indices` (int32 / int64 flat positions in the stored weight, strictly increasing)
+and `.values` (fp32, the delta there), and `base_model.model.<module path>.<param>` for modules_to_save.
+
+`save_adapter` / `load_adapter` of fastpeft.model.io hand diff pruning adapters to these functions. Writes are
+atomic; a load checks every key, dtype, length and index against the model before it changes anything."""
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fastpeft.model.config import ALL_LINEAR
+from fastpeft.model.diff_config import METHOD, DiffPruningConfig
+from fastpeft.model.diff_inject import apply, build_layers, check_new, diff_config, find_sites, search_layers, \
+    sparse_layers
+from fastpeft.model.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _listed, _write_text, read_json, \
+    read_weights
+from fastpeft.model.saved_module import ModulesToSave
+from fastpeft.model.targets import is_linear
+from fastpeft.modules.sparse_delta import SparseDeltaLinear
+from fastpeft.ops.sparse_delta import INDEX_DTYPES, check_indices
+
+LAYER_TENSORS = ("indices", "values")
+
+
+def is_diff_dir(directory) -> bool:
+    """Whether `directory` holds a saved diff pruning adapter (False for unreadable ones: the LoRA loader then
+    reports their problem)."""
+    try:
+        raw = read_json(os.fspath(directory))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("method") == METHOD
+
+
+def save_diff(model: nn.Module, directory, adapter_name: str = "default") -> None:
+    config = diff_config(model, adapter_name)
+    if search_layers(model):
+        raise ValueError("the diff pruning adapter is still searching (stage 1: dense diffs and gates); call "
+                         "project_to_density(model) first: what is saved is the fixed sparse mask and its values")
+    layers = dict(sparse_layers(model))
+    tensors = {f"{PREFIX}{path}.{key}": getattr(layer, key).detach().to("cpu").clone().contiguous()
+               for path, layer in layers.items() for key in LAYER_TENSORS}
+    for path, wrapper in _saved_wrappers(model, adapter_name).items():
+        for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+            tensors[f"{PREFIX}{path}.{key}"] = value.detach().to("cpu").clone().contiguous()
+    settings = config.to_dict()
+    if config.target_modules == ALL_LINEAR:  # the layers it resolved to here, so a load finds exactly them
+        settings["target_modules"] = sorted(layers)
+    settings["base_model_name_or_path"] = config.base_model_name_or_path or getattr(model, "name_or_path", None) \
+        or None
+    _atomic_write(os.fspath(directory), {
+        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda path: _write_text(path, json.dumps(settings, indent=2, sort_keys=True)),
+    })
+
+
+def load_diff(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
+    """Put the saved fixed-mask adapter into `model` (which must hold no adapter yet): its targets become merged
+    SparseDeltaLinear layers, trainable as after `project_to_density`."""
+    directory = os.fspath(directory)
+    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    config = DiffPruningConfig.from_dict(read_json(directory), source=config_path)
+    tensors = read_weights(weights_path)
+    check_new(model, config, adapter_name)
+    try:
+        targets, saved = find_sites(model, config)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from e
+    problems = _problems(model, dict(targets), dict(saved), tensors)
+    if problems:
+        raise ValueError(f"{weights_path} does not fit a diff pruning adapter of {type(model).__name__} "
+                         f"(target_modules={config.target_modules!r}):\n  " + "\n  ".join(problems))
+
+    def layer(path: str, module: nn.Module) -> SparseDeltaLinear:
+        device = module.weight.device
+        return SparseDeltaLinear(module, tensors[f"{PREFIX}{path}.indices"].to(device),
+                                 tensors[f"{PREFIX}{path}.values"].to(device))
+
+    apply(model, config, adapter_name, build_layers(targets, layer), saved)
+    with torch.no_grad():
+        for path, wrapper in _saved_wrappers(model, adapter_name).items():
+            for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+                value.copy_(tensors[f"{PREFIX}{path}.{key}"])
+    return model
+
+
+def _problems(model: nn.Module, targets: dict[str, nn.Module], saved: dict[str, nn.Module],
+              tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Everything wrong with the file's tensors for these targets and modules_to_save, one line per kind."""
+    expected = {f"{PREFIX}{path}.{key}" for path in targets for key in LAYER_TENSORS}
+    saved_state = {f"{PREFIX}{path}.{key}": value for path, module in saved.items()
+                   for key, value in module.state_dict().items()}
+    missing = sorted((expected | set(saved_state)) - set(tensors))
+    unexpected = [_why_unexpected(model, key, targets) for key in sorted(set(tensors) - expected - set(saved_state))]
+    bad = [f"{key}: {why}" for key in sorted(set(saved_state) & set(tensors))
+           if (why := _saved_problem(tensors[key], saved_state[key]))]
+    for path, module in targets.items():
+        indices, values = (tensors.get(f"{PREFIX}{path}.{key}") for key in LAYER_TENSORS)
+        if indices is not None and values is not None:
+            bad += [f"{PREFIX}{path}.{why}" for why in _layer_problems(indices, values, module.weight.numel())]
+    return [f"{label} ({len(items)}): {_listed(items)}" for label, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("bad tensors", bad)) if items]
+
+
+def _why_unexpected(model: nn.Module, key: str, targets: dict[str, nn.Module]) -> str:
+    path, _, name = key.removeprefix(PREFIX).rpartition(".")
+    if name not in LAYER_TENSORS or not key.startswith(PREFIX):
+        return key
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return f"{key} (the model has no layer {path!r})"
+    if not is_linear(module):
+        return f"{key} ({path} is a {type(module).__name__}, not a linear layer)"
+    return f"{key} ({path} is not one of the config's target_modules)"
+
+
+def _layer_problems(indices: torch.Tensor, values: torch.Tensor, numel: int) -> list[str]:
+    if indices.dtype not in INDEX_DTYPES or indices.dim() != 1:
+        return [f"indices: expected a 1-D int32 or int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}"]
+    if values.dtype != torch.float32 or values.dim() != 1:
+        return [f"values: expected a 1-D float32 tensor, got {values.dtype} of shape {tuple(values.shape)}"]
+    if values.numel() != indices.numel():
+        return [f"values: {values.numel()} of them for {indices.numel()} indices"]
+    try:
+        check_indices(indices, numel)
+    except ValueError as e:
+        return [f"indices: {e}"]
+    if not torch.isfinite(values).all():
+        return ["values: non-finite entries"]
+    return []
+
+
+def _saved_problem(file: torch.Tensor, model: torch.Tensor) -> str | None:
+    if tuple(file.shape) != tuple(model.shape):
+        return f"file shape {tuple(file.shape)}, model {tuple(model.shape)}"
+    if file.dtype != model.dtype and not (file.dtype.is_floating_point and model.dtype.is_floating_point):
+        return f"file dtype {file.dtype}, model {model.dtype}"
+    return None
+
+
+def _saved_wrappers(model: nn.Module, name: str) -> dict[str, ModulesToSave]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, ModulesToSave) and name in m.modules_to_save}
