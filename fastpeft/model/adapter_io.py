@@ -15,7 +15,7 @@ from torch import nn
 from fastpeft.model.adapter_config import METHOD, AdapterConfig
 from fastpeft.model.adapter_inject import adapter_wrappers, apply, bottleneck_config, plan
 from fastpeft.model.io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, Entry, _atomic_write, _check_tensors, _write_text,
-                               read_weights)
+                               read_json, read_weights)
 from fastpeft.model.saved_module import ModulesToSave
 
 
@@ -23,7 +23,7 @@ def is_bottleneck_dir(directory) -> bool:
     """Whether `directory` holds a saved bottleneck adapter (False for PEFT LoRA files, which name no method, and for
     unreadable ones, whose problem the LoRA loader then reports)."""
     try:
-        raw = _read_json(os.fspath(directory))
+        raw = read_json(os.fspath(directory))
     except (OSError, ValueError):
         return False
     return isinstance(raw, dict) and raw.get("method") == METHOD
@@ -46,7 +46,7 @@ def save_bottleneck(model: nn.Module, directory, adapter_name: str = "default") 
 def load_bottleneck(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
     """Put the saved adapters into `model` (which must have none yet), trainable as after `inject`."""
     directory = os.fspath(directory)
-    config = AdapterConfig.from_dict(_read_json(directory), source=os.path.join(directory, CONFIG_NAME))
+    config = AdapterConfig.from_dict(read_json(directory), source=os.path.join(directory, CONFIG_NAME))
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     tensors = read_weights(weights_path)
     planned = plan(model, config, adapter_name)
@@ -67,14 +67,3 @@ def _file_state(wrappers: dict[str, nn.Module], saved: dict[str, ModulesToSave],
     state.update({f"{path}.{key}": value for path, wrapper in saved.items() if name in wrapper.modules_to_save
                   for key, value in wrapper.modules_to_save[name].state_dict().items()})
     return state
-
-
-def _read_json(directory: str):
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved adapter directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e

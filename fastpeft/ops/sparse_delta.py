@@ -25,33 +25,94 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32 / bf16 / fp16 inputs; float64 stays float64 (the tests' exact oracle)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sparse_delta_linear_ref(x, weight0, bias, values, indices, fan_in_fan_out=False):
     """x (W0 + delta)^T + bias from the *unmerged* weight W0, in fp32, rounded once to x's dtype; autograd gives
     the values' gradient as the dense dW gathered at `indices`."""
-    merged = weight0.float().flatten().index_add(0, indices.long(), values.float()).view(weight0.shape)
+    acc = _accumulation(x.dtype)
+    merged = weight0.to(acc).flatten().index_add(0, indices.long(), values.to(acc)).view(weight0.shape)
     w = merged.t() if fan_in_fan_out else merged
-    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    out = F.linear(x.to(acc), w, None if bias is None else bias.to(acc))
     return out.to(x.dtype)
 
 
 def sddmm_ref(a, b, indices):
     """(a^T b).flatten()[indices] in fp32: the dense product, then a gather. a [M, rows], b [M, cols]."""
-    return (a.float().t() @ b.float()).flatten()[indices.long()]
+    acc = _accumulation(a.dtype)
+    return (a.to(acc).t() @ b.to(acc)).flatten()[indices.long()]
 
 
 def scatter_delta_ref(weight, base_values, values, indices):
-    """weight.flatten()[indices] = round(base_values + values), the sum in fp32, in place."""
-    weight.view(-1)[indices.long()] = (base_values.float() + values.float()).to(weight.dtype)
+    """weight.flatten()[indices] = round(base_values + values), the sum in fp32, in place (positions are row-major
+    in the weight's shape, whatever its strides)."""
+    rows, cols = _divmod(indices, weight.shape[1])
+    weight[rows, cols] = (base_values.float() + values.float()).to(weight.dtype)
     return weight
 
 
+def _divmod(indices, cols: int):
+    """(row, column) of flat row-major positions in a matrix of `cols` columns, as int64."""
+    flat = indices.long()
+    return flat.div(max(cols, 1), rounding_mode="floor"), flat.remainder(max(cols, 1))
+
+
 # ---------------------------------------------------------------------------------------------------- backends
+# The torch backend's SDDMM on CPU: a chunked gather-dot beats the dense product and a gather below this density
+# (nnz / (rows * cols)); see _sddmm_gather. On CUDA it keeps the dense product: cuBLAS runs the [rows, M] x [M, cols]
+# GEMM at tensor-core speed, while the gathers move 3 * 4 * M * nnz bytes through memory, more time than the GEMM
+# takes above a density of about 1e-3 (bf16 at ~3 TB/s and ~600 TFLOP/s).
+GATHER_MAX_DENSITY = 0.01
+GATHER_CHUNK = 1 << 19  # elements of one gathered [rows of M, nnz] chunk (2 MiB fp32: stays in L2 / L3)
+
+
+def _sddmm_gather(a, b, indices):
+    """The SDDMM in plain torch ops without the dense product: for a chunk of rows of a and b, the columns that
+    the nonzeros use are gathered side by side ([chunk, nnz] each), multiplied and summed over the chunk."""
+    a_cols, b_cols = _divmod(indices, b.shape[1])
+    out = torch.zeros(indices.numel(), dtype=torch.float32, device=a.device)
+    step = max(1, GATHER_CHUNK // max(indices.numel(), 1))
+    for m0 in range(0, a.shape[0], step):
+        products = a[m0:m0 + step].index_select(1, a_cols).float()
+        out += products.mul_(b[m0:m0 + step].index_select(1, b_cols).float()).sum(0)
+    return out
+
+
+def _gather_pays(a, b, indices) -> bool:
+    return a.device.type == "cpu" and indices.numel() < GATHER_MAX_DENSITY * a.shape[1] * b.shape[1]
+
+
 def _sddmm(a, b, indices, name):
-    return sddmm_ref(a, b, indices)  # TODO(ops helper): torch / ext / triton SDDMM
+    if name == "ext":
+        return _ext_module().sddmm(a, b, indices)
+    if name == "triton":
+        from fastpeft.kernels import sparse_delta as kernels
+
+        return kernels.sddmm(a, b, indices)
+    if name == "torch" and _gather_pays(a, b, indices):
+        return _sddmm_gather(a, b, indices)
+    return sddmm_ref(a, b, indices)
 
 
 def _scatter(weight, base_values, values, indices, name):
-    scatter_delta_ref(weight, base_values, values, indices)
+    """The torch backend is the reference: one index_put is what PyTorch has for this."""
+    if name == "ext":
+        _ext_module().scatter_delta_(weight, base_values, values, indices)
+    elif name == "triton":
+        from fastpeft.kernels import sparse_delta as kernels
+
+        kernels.scatter_delta_(weight, base_values, values, indices)
+    else:
+        scatter_delta_ref(weight, base_values, values, indices)
+
+
+def _ext_module():
+    # Only reached after backends.choose picked "ext", which loaded the library; reading torch.ops directly keeps
+    # torch.compile from tracing the loader.
+    return torch.ops.fastpeft
 
 
 class SparseDeltaLinearFn(torch.autograd.Function):
@@ -84,19 +145,27 @@ class SparseDeltaLinearFn(torch.autograd.Function):
 def _check_delta(weight, values, indices, base_values=None):
     checks.check_tensor("weight", weight, dim=2)
     checks.check_tensor("values", values, dim=1)
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
-    if indices.dim() != 1 or indices.shape != values.shape:
-        raise ValueError(f"indices and values must be 1-D of one length, got shapes {tuple(indices.shape)} and "
+    _check_index_tensor(indices, weight.device, "weight")
+    if indices.shape != values.shape:
+        raise ValueError(f"indices and values must have one length, got shapes {tuple(indices.shape)} and "
                          f"{tuple(values.shape)}")
     if base_values is not None:
         checks.check_tensor("base_values", base_values, shape=tuple(values.shape))
         checks.check_same("weight", weight, base_values=base_values)
-    for name, t in (("values", values), ("indices", indices)):
-        if t.device != weight.device:
-            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    if values.device != weight.device:
+        raise ValueError(f"values is on {values.device} but weight is on {weight.device}")
+
+
+def _check_index_tensor(indices, device: torch.device, owner: str) -> None:
+    """A 1-D int32 / int64 tensor on `owner`'s device (its contents are check_indices' business)."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but {owner} is on {device}")
 
 
 def check_indices(indices: torch.Tensor, numel: int) -> None:
@@ -140,9 +209,7 @@ def sddmm(a, b, indices, backend=None):
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must have the same number of rows, got {tuple(a.shape)} and {tuple(b.shape)}")
     checks.check_same("a", a, b=b)
-    if indices.device != a.device or indices.dtype not in INDEX_DTYPES or indices.dim() != 1:
-        raise ValueError(f"indices must be a 1-D int32 / int64 tensor on {a.device}, got {indices.dtype} "
-                         f"{tuple(indices.shape)} on {indices.device}")
+    _check_index_tensor(indices, a.device, "a")
     return _sddmm(a, b, indices, backends.choose(a.device, backend))
 
 
