@@ -8,8 +8,11 @@ fewer than 2**31 entries, else int64.
 The fast path keeps W0 + delta *in* the weight (rounded once from fp32 at the masked positions, by
 `scatter_delta_`), so forward and dx are the plain base GEMMs, and the only extra work is the values' gradient:
 a sampled dense-dense product (SDDMM), `nnz` dot products over the rows of dy and x instead of the full dW.
+Backends of the SDDMM and the scatter: `ext` (csrc/sparse_delta.cpp, CPU), `triton` (kernels/sparse_delta.py,
+CUDA), `torch` (a chunked gather-dot on CPU at low density, else the reference's dense product).
 Reference first (the oracle of every test), then the backends, then the public entry points
-`sparse_delta_linear`, `sddmm` and `scatter_delta_`.
+`sparse_delta_linear`, `sddmm` and `scatter_delta_`. The per-step entry points check shapes, dtypes and devices,
+not the index data (`check_indices` does, where masks are made or loaded; the extension also refuses bad ones).
 """
 import torch
 import torch.nn.functional as F
