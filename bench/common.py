@@ -186,18 +186,29 @@ def output_path(path: str, report: dict, suffix: str) -> Path:
     return target
 
 
+# Per-implementation times beyond fwd / fwd+bwd that a script may report (None where they do not apply).
+EXTRA_TIMES = {"grad_ms": "values' gradient"}
+
+
+def _extra_times(report: dict) -> list[str]:
+    return [key for key in EXTRA_TIMES if any(r.get(key) is not None for r in report["results"].values())]
+
+
 def markdown_table(report: dict, baseline: str = "base") -> str:
-    """impl | fwd ms | fwd+bwd ms | saved MB | x base (fwd+bwd time over the baseline's)."""
+    """impl | fwd ms | fwd+bwd ms | [extra times] | saved MB | x base (fwd+bwd time over the baseline's)."""
     base = report["results"][baseline]["fwd_bwd_ms"]
-    lines = ["| impl | fwd ms | fwd+bwd ms | saved MB | x base |", "|---|---:|---:|---:|---:|"]
+    extra = _extra_times(report)
+    lines = ["| impl | fwd ms | fwd+bwd ms | " + "".join(f"{EXTRA_TIMES[k]} ms | " for k in extra)
+             + "saved MB | x base |", "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|"]
     for impl, r in report["results"].items():
-        lines.append(f"| {impl} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['saved_bytes'] / 1e6:.3f} "
+        cells = "".join("- | " if r.get(k) is None else f"{r[k]:.3f} | " for k in extra)
+        lines.append(f"| {impl} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {cells}{r['saved_bytes'] / 1e6:.3f} "
                      f"| {r['fwd_bwd_ms'] / base:.2f} |")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
-    """Grouped bars of fwd and fwd+bwd milliseconds per implementation."""
+    """Grouped bars of fwd, fwd+bwd (and any extra) milliseconds per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,8 +216,11 @@ def plot(report: dict, path: Path) -> None:
 
     impls = list(report["results"])
     fig, ax = plt.subplots(figsize=(1.6 * len(impls) + 2, 4))
-    for offset, (key, label) in ((-0.2, ("fwd_ms", "fwd")), (0.2, ("fwd_bwd_ms", "fwd+bwd"))):
-        ax.bar([i + offset for i in range(len(impls))], [report["results"][i][key] for i in impls], 0.4, label=label)
+    series = [("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")] + [(k, EXTRA_TIMES[k]) for k in _extra_times(report)]
+    width = 0.8 / len(series)
+    for n, (key, label) in enumerate(series):
+        ax.bar([i + (n + 0.5) * width - 0.4 for i in range(len(impls))],
+               [report["results"][i].get(key) or 0.0 for i in impls], width, label=label)
     ax.set_xticks(range(len(impls)), impls)
     ax.set_ylabel("ms (median)")
     shape = ", ".join(f"{k}={v}" for k, v in report["shape"].items())

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "dropout_hash.h"
+#include "vec8.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -35,27 +36,10 @@ namespace {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// 8 fp32 lanes: one AVX2 register (two SSE ones in the default clone). GCC / Clang vector extension.
-typedef float Vec __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
 constexpr int64_t kRows = 4;            // rows per register block: 4 accumulators + 4 inputs + 3 fit 16 registers
 constexpr int64_t kTileFloats = 16384;  // 64 KiB: a tile of the small operand (and of the accumulator) in L2
 constexpr int64_t kMaxTile = 1024;      // columns per tile, so that kRows buffered rows stay in L1
 constexpr int64_t kWorkPerChunk = 1 << 18;  // multiply-adds below which a chunk is not worth a thread
-
-#define FASTPEFT_INLINE inline __attribute__((always_inline))
-
-FASTPEFT_INLINE Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-FASTPEFT_INLINE void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
-
-FASTPEFT_INLINE float lane_sum(const Vec& v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 // fp32 scratch on a 32-byte boundary: with rows of a multiple of 8 floats, no vector load splits a cache line.
 struct Scratch {

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "dropout_hash.h"  // FASTPEFT_CPU_CLONES
+#include "vec8.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -43,14 +44,10 @@ namespace {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
-#define FASTPEFT_INLINE inline __attribute__((always_inline))
-
-// 8 fp32 lanes: one AVX2 register (two SSE ones in the default clone). GCC / Clang vector extensions.
-typedef float Vec __attribute__((vector_size(32)));
+// Eight 32-bit integers and eight 16-bit floats (their bits), beside vec8.h's fp32 Vec.
 typedef uint32_t Bits8 __attribute__((vector_size(32)));
 typedef int32_t Int8 __attribute__((vector_size(32)));
 typedef uint16_t Half8 __attribute__((vector_size(16)));
-constexpr int64_t kLanes = 8;
 constexpr int64_t kBlock = 32;  // rows per block: four vectors per buffered column (16 and 64 measured slower)
 constexpr int64_t kVecs = kBlock / kLanes;
 // nnz / (R C) from which the dense product and a gather cost less (measured at 4096 x 768 x 768 fp32, 1 and 2
@@ -58,18 +55,6 @@ constexpr int64_t kVecs = kBlock / kLanes;
 constexpr double kDenseFraction = 0.25;
 constexpr int64_t kMaxPass = 1 << 18;  // nonzeros per pass: 8 MiB of accumulators per thread
 constexpr int64_t kWorkPerThread = 1 << 16;  // gathered elements + multiply-adds below which a thread does not pay
-
-FASTPEFT_INLINE Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-FASTPEFT_INLINE void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
-
-FASTPEFT_INLINE float lane_sum(const Vec& v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 // Eight 16-bit floats (their bits) as fp32, vectorized: c10's scalar conversions are not.
 FASTPEFT_INLINE Vec widen(Half8 h, c10::BFloat16) { return (Vec)(__builtin_convertvector(h, Bits8) << 16); }

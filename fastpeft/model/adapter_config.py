@@ -1,8 +1,9 @@
 """`AdapterConfig`: bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022's parallel
 adapter), validated on creation, and its conversion to and from the dict saved as `adapter_config.json`."""
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 from fastpeft.model.config import _names
+from fastpeft.model.method_config import MethodConfig
 from fastpeft.modules.adapter import ACTIVATIONS, INITS, check_size_options
 from fastpeft.ops import checks
 
@@ -15,10 +16,13 @@ PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(MethodConfig):
     """Bottleneck size by `bottleneck` (m) or `reduction_factor` (m = hidden // reduction_factor), exactly one.
     `init`: "near-identity" (small Gaussian weights) or "zero-up" (the up projection zero: exactly the identity).
     `layer_norm` puts a LayerNorm on the adapter's input. `modules_to_save` are trained in full (e.g. a head)."""
+
+    METHOD = METHOD
+    LABEL = "bottleneck adapter"
 
     placement: str = "houlsby"
     bottleneck: int | None = None
@@ -50,30 +54,3 @@ class AdapterConfig:
             object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise TypeError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
-
-    def to_dict(self) -> dict:
-        """What `save_adapter` writes as adapter_config.json."""
-        own = asdict(self)
-        if own["modules_to_save"] is not None:
-            own["modules_to_save"] = list(own["modules_to_save"])
-        return {"method": METHOD, **own}
-
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "adapter config") -> "AdapterConfig":
-        """Read what `to_dict` wrote; an unknown key or a bad value is an error naming `source`."""
-        if not isinstance(config, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
-        if config.get("method") != METHOD:
-            raise ValueError(f"{source}: method is {config.get('method')!r}, expected {METHOD!r}")
-        kwargs = {k: v for k, v in config.items() if k != "method"}
-        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown bottleneck adapter settings {unknown}")
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
-
-    def replace(self, **changes) -> "AdapterConfig":
-        """A copy with `changes`, validated again."""
-        return replace(self, **changes)

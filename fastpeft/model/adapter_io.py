@@ -12,21 +12,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fastpeft.model.adapter_config import METHOD, AdapterConfig
+from fastpeft.model.adapter_config import AdapterConfig
 from fastpeft.model.adapter_inject import adapter_wrappers, apply, bottleneck_config, plan
 from fastpeft.model.io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, Entry, _atomic_write, _check_tensors, _write_text,
                                read_json, read_weights)
 from fastpeft.model.saved_module import ModulesToSave
-
-
-def is_bottleneck_dir(directory) -> bool:
-    """Whether `directory` holds a saved bottleneck adapter (False for PEFT LoRA files, which name no method, and for
-    unreadable ones, whose problem the LoRA loader then reports)."""
-    try:
-        raw = read_json(os.fspath(directory))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("method") == METHOD
 
 
 def save_bottleneck(model: nn.Module, directory, adapter_name: str = "default") -> None:

@@ -1,9 +1,10 @@
 """`DiffPruningConfig`: diff pruning (Guo, Rush & Kim 2021), validated on creation, and its conversion to and from
 the dict saved as `adapter_config.json`."""
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 from fastpeft.model.config import _names, _normalise_targets
+from fastpeft.model.method_config import MethodConfig
 from fastpeft.modules.hard_concrete import check_gate_options
 
 METHOD = "diff_pruning"  # the "method" key of adapter_config.json
@@ -11,13 +12,16 @@ SCOPES = ("per_weight", "global")
 
 
 @dataclass(frozen=True)
-class DiffPruningConfig:
+class DiffPruningConfig(MethodConfig):
     """`target_modules` as LoraConfig's (name suffixes, a regex fully matching module paths, or "all-linear").
     Stage 1 (search) trains a dense diff per target with hard-concrete gates (`temperature`, `stretch` = (l, r),
     `log_alpha_init`; `structured` adds one gate per weight) under `l0_weight` times the expected fraction of
     nonzero diff entries (see diff_inject.l0_penalty). `project_to_density` then keeps `density` of the entries,
     the largest |gated diff| of each weight (`scope="per_weight"`) or of all targets together (`"global"`), and
     stage 2 trains only those. `modules_to_save` are trained in full (e.g. a classifier head)."""
+
+    METHOD = METHOD
+    LABEL = "diff pruning"
 
     target_modules: tuple[str, ...] | str | None = None
     density: float = 0.005
@@ -49,31 +53,3 @@ class DiffPruningConfig:
             object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise TypeError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
-
-    def to_dict(self) -> dict:
-        """What `save_adapter` writes as adapter_config.json."""
-        own = asdict(self)
-        for name in ("target_modules", "modules_to_save", "stretch"):
-            if isinstance(own[name], tuple):
-                own[name] = list(own[name])
-        return {"method": METHOD, **own}
-
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "adapter config") -> "DiffPruningConfig":
-        """Read what `to_dict` wrote; an unknown key or a bad value is an error naming `source`."""
-        if not isinstance(config, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
-        if config.get("method") != METHOD:
-            raise ValueError(f"{source}: method is {config.get('method')!r}, expected {METHOD!r}")
-        kwargs = {k: v for k, v in config.items() if k != "method"}
-        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown diff pruning settings {unknown}")
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
-
-    def replace(self, **changes) -> "DiffPruningConfig":
-        """A copy with `changes`, validated again."""
-        return replace(self, **changes)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastpeft.model.config import ALL_LINEAR
-from fastpeft.model.diff_config import METHOD, DiffPruningConfig
+from fastpeft.model.diff_config import DiffPruningConfig
 from fastpeft.model.diff_inject import apply, build_layers, check_new, diff_config, find_sites, search_layers, \
     sparse_layers
 from fastpeft.model.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _listed, _write_text, read_json, \
@@ -24,16 +24,6 @@ from fastpeft.modules.sparse_delta import SparseDeltaLinear
 from fastpeft.ops.sparse_delta import INDEX_DTYPES, check_indices
 
 LAYER_TENSORS = ("indices", "values")
-
-
-def is_diff_dir(directory) -> bool:
-    """Whether `directory` holds a saved diff pruning adapter (False for unreadable ones: the LoRA loader then
-    reports their problem)."""
-    try:
-        raw = read_json(os.fspath(directory))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("method") == METHOD
 
 
 def save_diff(model: nn.Module, directory, adapter_name: str = "default") -> None:

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastpeft.model.adapter_config import AdapterConfig
 from fastpeft.model.adapter_inject import bottleneck_names, refuse_lora
 from fastpeft.model.config import ALL_LINEAR, LoraConfig
+from fastpeft.model.diff_config import DiffPruningConfig
 from fastpeft.model.diff_inject import diff_names, refuse_diff
 from fastpeft.model.inject import (active_adapter, adapter_config, adapter_layers, adapter_names, add_adapter,
                                    check_new_adapter, delete_adapter, lora_layers, saved_wrappers, set_adapter)
@@ -66,9 +68,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     A saved bottleneck adapter (method "bottleneck_adapter") is loaded by adapter_io instead, a diff pruning one
     (method "diff_pruning") by diff_io."""
     from fastpeft.model import adapter_io, diff_io  # other methods; they build on this module
-    if diff_io.is_diff_dir(directory):
+    method = saved_method(directory)
+    if method == DiffPruningConfig.METHOD:
         return diff_io.load_diff(model, directory, adapter_name)
-    if adapter_io.is_bottleneck_dir(directory):
+    if method == AdapterConfig.METHOD:
         refuse_diff(model, "bottleneck adapters")
         return adapter_io.load_bottleneck(model, directory, adapter_name)
     refuse_lora(model)
@@ -116,6 +119,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def read_config(directory: str) -> LoraConfig:
     return LoraConfig.from_peft_dict(read_json(directory), source=os.path.join(directory, CONFIG_NAME))
+
+
+def saved_method(directory) -> str | None:
+    """The "method" a saved adapter directory names (None for PEFT's LoRA files, which name none, and for unreadable
+    ones, whose problem the LoRA loader then reports)."""
+    try:
+        raw = read_json(os.fspath(directory))
+    except (OSError, ValueError):
+        return None
+    return raw.get("method") if isinstance(raw, dict) else None
 
 
 def read_json(directory: str):

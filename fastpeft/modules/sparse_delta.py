@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from fastpeft import backends
 from fastpeft.modules.lora import is_conv1d, linear_features
 from fastpeft.ops import checks
-from fastpeft.ops.sparse_delta import (_check_index_tensor, check_indices, index_dtype, scatter_delta_,
+from fastpeft.ops.sparse_delta import (check_index_tensor, check_indices, index_dtype, scatter_delta_,
                                        sparse_delta_linear, sparse_delta_linear_ref)
 
 # When must a merged layer scatter `values` into its weight again? Three things change `values`:
@@ -52,7 +52,7 @@ class SparseDeltaLinear(nn.Module):
         checks.check_tensor("base_layer.weight", weight, dim=2)
         if not weight.is_contiguous():
             raise ValueError("base_layer.weight must be contiguous (indices are flat positions in it)")
-        _check_index_tensor(indices, weight.device, "the base weight")
+        check_index_tensor(indices, weight.device, "the base weight")
         check_indices(indices, weight.numel())
         if values is None:
             values = torch.zeros(indices.shape, dtype=torch.float32, device=weight.device)

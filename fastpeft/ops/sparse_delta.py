@@ -148,7 +148,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
 def _check_delta(weight, values, indices, base_values=None):
     checks.check_tensor("weight", weight, dim=2)
     checks.check_tensor("values", values, dim=1)
-    _check_index_tensor(indices, weight.device, "weight")
+    check_index_tensor(indices, weight.device, "weight")
     if indices.shape != values.shape:
         raise ValueError(f"indices and values must have one length, got shapes {tuple(indices.shape)} and "
                          f"{tuple(values.shape)}")
@@ -159,7 +159,7 @@ def _check_delta(weight, values, indices, base_values=None):
         raise ValueError(f"values is on {values.device} but weight is on {weight.device}")
 
 
-def _check_index_tensor(indices, device: torch.device, owner: str) -> None:
+def check_index_tensor(indices, device: torch.device, owner: str) -> None:
     """A 1-D int32 / int64 tensor on `owner`'s device (its contents are check_indices' business)."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
@@ -212,7 +212,7 @@ def sddmm(a, b, indices, backend=None):
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must have the same number of rows, got {tuple(a.shape)} and {tuple(b.shape)}")
     checks.check_same("a", a, b=b)
-    _check_index_tensor(indices, a.device, "a")
+    check_index_tensor(indices, a.device, "a")
     return _sddmm(a, b, indices, backends.choose(a.device, backend))
 
 
