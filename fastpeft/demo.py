@@ -125,13 +125,7 @@ def run(cfg: RunConfig, train: LabelledText, test: LabelledText, log=print) -> l
 
     save_adapter(model, cfg.output_dir)
     log(f"adapter saved to {cfg.output_dir}/ (adapter_config.json, adapter_model.safetensors)")
-    if isinstance(lora, LoraConfig):
-        variants = reload_and_merge(model, cfg, train.label_names, test_enc)
-    elif isinstance(lora, DiffPruningConfig):
-        variants = diff_variants(model, cfg, train.label_names, test_enc)
-    else:
-        variants = {"reloaded": reload(cfg, train.label_names, test_enc)}
-    failures += check_agreement(logits, variants, log)
+    failures += check_agreement(logits, variants(model, cfg, train.label_names, test_enc), log)
     log("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return failures
 
@@ -202,37 +196,27 @@ def describe(config: LoraConfig | AdapterConfig | DiffPruningConfig) -> str:
             f"on {config.target_modules}")
 
 
-def reload(cfg: RunConfig, label_names: list[str], test_enc) -> torch.Tensor:
-    """Test logits of the saved adapter loaded into a fresh base model (bottleneck adapters cannot be merged)."""
-    fresh, _ = training.load_classifier(cfg.model_dir, label_names, cfg.device)
-    return training.evaluate(load_adapter(fresh, cfg.output_dir), test_enc, device=cfg.device)[1]
-
-
-def diff_variants(model, cfg: RunConfig, label_names: list[str], test_enc) -> dict[str, torch.Tensor]:
-    """Test logits of: `model` unmerged (the reference path on W0), merged again; the saved adapter loaded into a
-    fresh base model, then merge_and_unload-ed to plain layers."""
+def variants(model, cfg: RunConfig, label_names: list[str], test_enc) -> dict[str, torch.Tensor]:
+    """Test logits of the trained `model` changed as its method allows, and of the saved adapter loaded into a fresh
+    base model: LoRA merged, unmerged, reloaded, reloaded + merged; diff pruning unmerged (the reference path on
+    W0), merged again, reloaded, then merge_and_unload-ed; bottleneck adapters (which do not merge) reloaded only."""
     def logits(m):
         return training.evaluate(m, test_enc, device=cfg.device)[1]
 
-    variants = {"unmerged": logits(unmerge(model))}
-    variants["merged"] = logits(merge(model))
+    found = {}
+    if isinstance(cfg.lora, LoraConfig):
+        found["merged"] = logits(merge(model))
+        found["unmerged"] = logits(unmerge(model))
+    elif isinstance(cfg.lora, DiffPruningConfig):
+        found["unmerged"] = logits(unmerge(model))
+        found["merged"] = logits(merge(model))
     fresh, _ = training.load_classifier(cfg.model_dir, label_names, cfg.device)
-    variants["reloaded"] = logits(load_adapter(fresh, cfg.output_dir))
-    variants["merge_and_unload"] = logits(merge_and_unload(fresh))
-    return variants
-
-
-def reload_and_merge(model, cfg: RunConfig, label_names: list[str], test_enc) -> dict[str, torch.Tensor]:
-    """Test logits of: `model` merged, then unmerged; the saved adapter loaded into a fresh base model, then merged."""
-    def logits(m):
-        return training.evaluate(m, test_enc, device=cfg.device)[1]
-
-    variants = {"merged": logits(merge(model))}
-    variants["unmerged"] = logits(unmerge(model))
-    fresh, _ = training.load_classifier(cfg.model_dir, label_names, cfg.device)
-    variants["reloaded"] = logits(load_adapter(fresh, cfg.output_dir))
-    variants["reloaded + merged"] = logits(merge(fresh))
-    return variants
+    found["reloaded"] = logits(load_adapter(fresh, cfg.output_dir))
+    if isinstance(cfg.lora, LoraConfig):
+        found["reloaded + merged"] = logits(merge(fresh))
+    elif isinstance(cfg.lora, DiffPruningConfig):
+        found["merge_and_unload"] = logits(merge_and_unload(fresh))
+    return found
 
 
 def compare_with_peft(base, lora: LoraConfig, batches: list, device="cpu") -> str:
