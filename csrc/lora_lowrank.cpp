@@ -5,14 +5,18 @@
 //   lora_dx_pass_(x, g, a, dx, seed, p) da = g^T @ dropout_p(x), and dx += mask/(1-p) * (g @ a)   x  [M, K]
 //
 // with a [r, K], b [N, r] and the mask of csrc/dropout_hash.h (p == 0: no mask). BLAS runs these shapes (one
-// dimension of a few dozen) far below the machine's speed and the dropout costs [M, K] temporaries besides.
+// dimension of a few dozen) at a fraction of the machine's speed, and the dropout costs [M, K] temporaries besides.
 //
-// Every kernel walks row blocks of the large operand: kRows rows are converted to fp32 (and masked) into a
-// small buffer, then a register-blocked loop over 8-lane vectors multiplies them with the small operand.
-// Sums run in fp32 per lane in a fixed order (no reassociation), whatever the input dtype. The small operand
-// and the per-thread accumulator are cut into column tiles that stay in L2 while all rows of a thread pass.
-// Rows are split into at most one chunk per thread; each chunk owns its da / db accumulator and the chunks are
-// summed in order at the end, so results are deterministic for a given thread count.
+// Every kernel walks blocks of rows of the large operand: the rows are converted to fp32 (and masked, each mask
+// bit hashed once) into a panel, then register-blocked multiply-add kernels run GEMM's outer-product scheme on it,
+// the accumulators in registers and every load feeding several multiply-adds:
+//   reduce_block  out[i, j] = sum_c panel[i, c] * small[c, j]     kMR rows x 16 ranks   (shrink, g)
+//   rank_block    out[c, j] += sum_i panel[i, c] * small[i, j]    kMC columns x 16 ranks (db, da^T)
+//   expand_block  t[i, c] = sum_j g[i, j] * a[j, c]               kXR rows x kXV vectors (dx)
+// Ranks are padded to a multiple of 8 and taken 16 (or a last 8) at a time. Sums run in fp32 in a fixed order
+// whatever the input dtype. Rows are split into at most one chunk per thread; each chunk owns its da / db
+// accumulator and the chunks are summed in order at the end, so results are deterministic for a given thread
+// count (and a given CPU: the AVX2 + FMA build rounds each multiply-add once).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,6 +30,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastpeft {
@@ -36,10 +41,13 @@ namespace {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-constexpr int64_t kRows = 4;            // rows per register block: 4 accumulators + 4 inputs + 3 fit 16 registers
-constexpr int64_t kTileFloats = 16384;  // 64 KiB: a tile of the small operand (and of the accumulator) in L2
-constexpr int64_t kMaxTile = 1024;      // columns per tile, so that kRows buffered rows stay in L1
-constexpr int64_t kWorkPerChunk = 1 << 18;  // multiply-adds below which a chunk is not worth a thread
+// Register blocks (AVX2 has 16 vector registers): 6 x 2 accumulators + 2 operands + 1 broadcast for reduce /
+// rank blocks, 4 x 3 + 3 + 1 for expand blocks.
+constexpr int64_t kMR = 6, kMC = 6, kXR = 4, kXV = 3;
+constexpr int64_t kRankGroup = 16;                // ranks per reduce / rank block
+constexpr int64_t kXCols = kXV * kLanes;          // columns per expand block
+constexpr int64_t kBlockRows = 24;                // rows per panel: a multiple of kMR and kXR
+constexpr int64_t kWorkPerChunk = 1 << 18;        // multiply-adds below which a chunk is not worth a thread
 
 // fp32 scratch on a 32-byte boundary: with rows of a multiple of 8 floats, no vector load splits a cache line.
 struct Scratch {
@@ -51,15 +59,12 @@ struct Scratch {
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// Row stride of fp32 scratch and padded operands with n columns: a multiple of 8 floats plus one cache line, so
-// that rows of a power-of-two length do not all fall into the same L1 sets (4 KiB aliasing).
-int64_t row_stride(int64_t n) { return round_up(n, kLanes) + 2 * kLanes; }
+// Columns of a panel with n columns, zero-padded to whole blocks of every kernel (a multiple of 6, 8 and 24).
+int64_t panel_columns(int64_t n) { return round_up(n, kXCols); }
 
-// Columns per tile: as many as keep `per_column` floats per column within kTileFloats, a multiple of 8.
-int64_t tile_width(int64_t columns, int64_t per_column) {
-  const int64_t fit = std::max<int64_t>(kLanes, kTileFloats / std::max<int64_t>(per_column, 1) / kLanes * kLanes);
-  return std::min({fit, kMaxTile, round_up(columns, kLanes)});
-}
+// Row stride of a panel: its columns plus two vectors, so that rows of a power-of-two length do not all fall into
+// the same L1 sets (4 KiB aliasing).
+int64_t panel_stride(int64_t n) { return panel_columns(n) + 2 * kLanes; }
 
 // A 2-D tensor read through its strides (rows of a view, transposed or not, without a copy).
 template <typename T>
@@ -75,19 +80,24 @@ Strided<T> strided(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
 }
 
-// out[0, n) = src[col0 + k] (times the mask factor of (row, col0 + k) when `masked`), zeros up to `padded`.
-// Always inlined into the kernels, so each CPU clone converts with its own vector width.
+// out[0, n) = src[row, k] as fp32, times the mask factor of (row, k) when `masked` (the factors also to
+// `factors` when not null); zeros up to `padded`.
 template <typename T>
-FASTPEFT_INLINE void load_row(const Strided<T>& src, int64_t row, int64_t col0, int64_t n, int64_t padded,
-                              const HashMask& mask, bool masked, float* out) {
-  const T* in = src.row(row) + col0 * src.col_step;
+FASTPEFT_INLINE void load_row(const Strided<T>& src, int64_t row, int64_t n, int64_t padded, const HashMask& mask,
+                              bool masked, float* out, float* factors = nullptr) {
+  const T* in = src.row(row);
   const int64_t step = src.col_step;
   if (masked) {
     const uint32_t key = mask.row_key(row);
-    if (step == 1) {
-      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k]) * mask.factor(key, col0 + k);
+    if (factors != nullptr) {
+      for (int64_t k = 0; k < n; ++k) {
+        factors[k] = mask.factor(key, k);
+        out[k] = static_cast<float>(in[k * step]) * factors[k];
+      }
+    } else if (step == 1) {
+      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k]) * mask.factor(key, k);
     } else {
-      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k * step]) * mask.factor(key, col0 + k);
+      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k * step]) * mask.factor(key, k);
     }
   } else if (step == 1) {
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k]);
@@ -97,176 +107,250 @@ FASTPEFT_INLINE void load_row(const Strided<T>& src, int64_t row, int64_t col0, 
   std::fill(out + n, out + padded, 0.0f);
 }
 
-// Asks the cache for part `part` of `parts` of rows [row, row + rows) x columns [col0, col0 + n), so that the
-// next row block streams in from memory while this one computes. Rows with a unit column stride only.
+// Rows [m, m + rows) of src into the panel (row stride ld), zero rows up to `rows_padded`.
 template <typename T>
-FASTPEFT_INLINE void prefetch_part(const T* data, int64_t row_step, int64_t col_step, int64_t row, int64_t rows,
-                                   int64_t col0, int64_t n, int64_t part, int64_t parts, int write = 0) {
-  if (col_step != 1 || rows <= 0) return;
-  constexpr int64_t kLine = 64 / sizeof(T);
-  const int64_t lines = (n + kLine - 1) / kLine, begin = lines * part / parts, end = lines * (part + 1) / parts;
+FASTPEFT_INLINE void load_panel(const Strided<T>& src, int64_t m, int64_t rows, int64_t rows_padded, int64_t n,
+                                int64_t ld, const HashMask& mask, bool masked, float* panel,
+                                float* factors = nullptr) {
+  const int64_t padded = panel_columns(n);
+  for (int64_t i = 0; i < rows_padded; ++i) {
+    if (i < rows) load_row(src, m + i, n, padded, mask, masked, panel + i * ld, factors ? factors + i * ld : nullptr);
+    else std::fill(panel + i * ld, panel + i * ld + padded, 0.0f);
+  }
+}
+
+// Prefetches rows [row, row + rows) of a matrix one cache line per next(), so that the rows of the next panel
+// stream in from memory while the register blocks compute on this one (the hardware prefetchers fall behind on
+// a few dozen concurrent row streams). Rows with a unit column stride only; otherwise next() does nothing.
+struct RowPrefetcher {
+  const char* base = nullptr;
+  int64_t row_bytes = 0, lines_per_row = 0, rows = 0, row = 0, line = 0;
+  int write = 0;
+
+  RowPrefetcher() = default;
+  template <typename T>
+  RowPrefetcher(const T* data, int64_t row_step, int64_t col_step, int64_t first_row, int64_t row_count,
+                int64_t cols, int for_write = 0)
+      : base(reinterpret_cast<const char*>(data + first_row * row_step)),
+        row_bytes(row_step * static_cast<int64_t>(sizeof(T))),
+        lines_per_row((cols * static_cast<int64_t>(sizeof(T)) + 63) / 64),
+        rows(col_step == 1 && cols > 0 ? std::max<int64_t>(row_count, 0) : 0),
+        write(for_write) {}
+
+  FASTPEFT_INLINE void next() {
+    if (row >= rows) return;
+    const char* address = base + row * row_bytes + line * 64;
+    if (write) __builtin_prefetch(address, 1, 3);
+    else __builtin_prefetch(address, 0, 3);
+    if (++line == lines_per_row) line = 0, ++row;
+  }
+};
+
+// ---- register blocks ------------------------------------------------------------------------------------
+
+// out[i, v-th vector] = sum_{c < n} panel[i, c] * small[c, v-th vector], i < kMR.
+template <int64_t NV>
+FASTPEFT_INLINE void reduce_block(const float* panel, int64_t ld, const float* small, int64_t small_ld, int64_t n,
+                                  float* out, int64_t out_ld, RowPrefetcher& prefetch) {
+  Vec acc[kMR][NV] = {};
+  for (int64_t c = 0; c < n; ++c) {
+    if (c % 2 == 0) prefetch.next();
+    Vec sv[NV];
+    for (int64_t v = 0; v < NV; ++v) sv[v] = load(small + c * small_ld + v * kLanes);
+    for (int64_t i = 0; i < kMR; ++i) {
+      const float e = panel[i * ld + c];
+      for (int64_t v = 0; v < NV; ++v) acc[i][v] += e * sv[v];
+    }
+  }
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t v = 0; v < NV; ++v) store(out + i * out_ld + v * kLanes, acc[i][v]);
+}
+
+// out[c, v-th vector] += sum_{i < rows} panel[i, c] * small[i, v-th vector], c < kMC.
+template <int64_t NV>
+FASTPEFT_INLINE void rank_block(const float* panel, int64_t ld, int64_t rows, const float* small, int64_t small_ld,
+                                float* out, int64_t out_ld, RowPrefetcher& prefetch) {
+  Vec acc[kMC][NV];
+  for (int64_t c = 0; c < kMC; ++c)
+    for (int64_t v = 0; v < NV; ++v) acc[c][v] = load(out + c * out_ld + v * kLanes);
   for (int64_t i = 0; i < rows; ++i) {
-    const T* base = data + (row + i) * row_step + col0;
-    for (int64_t l = begin; l < end; ++l) __builtin_prefetch(base + l * kLine, write, 3);
+    if (i % 4 == 0) prefetch.next();
+    Vec sv[NV];
+    for (int64_t v = 0; v < NV; ++v) sv[v] = load(small + i * small_ld + v * kLanes);
+    for (int64_t c = 0; c < kMC; ++c) {
+      const float e = panel[i * ld + c];
+      for (int64_t v = 0; v < NV; ++v) acc[c][v] += e * sv[v];
+    }
   }
+  for (int64_t c = 0; c < kMC; ++c)
+    for (int64_t v = 0; v < NV; ++v) store(out + c * out_ld + v * kLanes, acc[c][v]);
 }
 
-// The mask factors of (row, col0 + k), k < n.
-FASTPEFT_INLINE void load_factors(const HashMask& mask, int64_t row, int64_t col0, int64_t n, float* out) {
-  const uint32_t key = mask.row_key(row);
-  for (int64_t k = 0; k < n; ++k) out[k] = mask.factor(key, col0 + k);
-}
-
-// The small operands as fp32, zero-padded: [rows_padded, cols_padded], row-major.
-at::Tensor padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padded, double scale = 1.0) {
-  auto out = at::zeros({rows_padded, cols_padded}, t.options().dtype(at::kFloat));
-  auto body = out.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1));
-  body.copy_(t);
-  if (scale != 1.0) body.mul_(scale);
-  return out;
-}
-
-// ---- the row-range kernels: rows [m0, m1) of the large operand --------------------------------------------
-
-// s[m, j] = sum_k dropout(x)[m, k] * a[j, k]. a: [r_pad, K_pad] fp32 (r_pad even), s: [M, r].
+// dx[i, c] += factors[i, c] * sum_{j < r} g[i, j] * a[j, c] for i < rows (<= kXR), c < width (<= kXCols); factors
+// null: 1. The sum is rounded once to T.
 template <typename T>
-FASTPEFT_CPU_CLONES void shrink_rows(const Strided<T> x, int64_t K, const float* a, int64_t K_pad, int64_t r,
-                                     int64_t r_pad, const HashMask mask, bool masked, int64_t tile, int64_t m0,
-                                     int64_t m1, float* s, float* xb /* [kRows, tile] */) {
-  const int64_t ld = row_stride(tile);  // of the scratch rows
-  for (int64_t k0 = 0; k0 < K; k0 += tile) {
-    const int64_t width = std::min(tile, K - k0), padded = round_up(width, kLanes);
-    for (int64_t m = m0; m < m1; m += kRows) {
-      const int64_t rows = std::min(kRows, m1 - m);
-      for (int64_t i = 0; i < kRows; ++i) {
-        if (i < rows) load_row(x, m + i, k0, width, padded, mask, masked, xb + i * ld);
-        else std::fill(xb + i * ld, xb + i * ld + padded, 0.0f);
-      }
-      const int64_t next_rows = std::min(kRows, m1 - m - kRows);
-      for (int64_t j = 0; j < r_pad; j += 2) {  // two ranks against kRows rows: 8 accumulators
-        prefetch_part(x.data, x.row_step, x.col_step, m + kRows, next_rows, k0, width, j / 2, r_pad / 2);
-        const float* a0 = a + j * K_pad + k0;
-        const float* a1 = a0 + K_pad;
-        Vec acc[kRows][2] = {};
-        for (int64_t c = 0; c < padded; c += kLanes) {
-          const Vec va0 = load(a0 + c), va1 = load(a1 + c);
-          for (int64_t i = 0; i < kRows; ++i) {
-            const Vec xv = load(xb + i * ld + c);
-            acc[i][0] += xv * va0;
-            acc[i][1] += xv * va1;
-          }
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t jj = 0; jj < 2 && j + jj < r; ++jj) {
-            float& out = s[(m + i) * r + j + jj];
-            out = k0 == 0 ? lane_sum(acc[i][jj]) : out + lane_sum(acc[i][jj]);
-          }
+FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, const float* a, int64_t a_ld, T* dx,
+                                      int64_t dx_ld, const float* factors, int64_t f_ld, int64_t rows, int64_t width,
+                                      RowPrefetcher& prefetch) {
+  Vec acc[kXR][kXV] = {};
+  for (int64_t j = 0; j < r; ++j) {
+    if (j % 4 == 0) prefetch.next();
+    Vec av[kXV];
+    for (int64_t v = 0; v < kXV; ++v) av[v] = load(a + j * a_ld + v * kLanes);
+    for (int64_t i = 0; i < kXR; ++i) {
+      const float e = g[i * g_ld + j];
+      for (int64_t v = 0; v < kXV; ++v) acc[i][v] += e * av[v];
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (width == kXCols) {  // the common case, straight from the registers
+      for (int64_t i = 0; i < kXR; ++i) {
+        if (i >= rows) break;
+        for (int64_t v = 0; v < kXV; ++v) {
+          float* out = dx + i * dx_ld + v * kLanes;
+          const Vec term = factors != nullptr ? acc[i][v] * load(factors + i * f_ld + v * kLanes) : acc[i][v];
+          store(out, load(out) + term);
         }
       }
+      return;
+    }
+  }
+  alignas(32) float t[kXR * kXCols];
+  for (int64_t i = 0; i < kXR; ++i)
+    for (int64_t v = 0; v < kXV; ++v) store(t + i * kXCols + v * kLanes, acc[i][v]);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* out = dx + i * dx_ld;
+    for (int64_t c = 0; c < width; ++c) {
+      const float term = factors != nullptr ? t[i * kXCols + c] * factors[i * f_ld + c] : t[i * kXCols + c];
+      out[c] = static_cast<T>(static_cast<float>(out[c]) + term);
     }
   }
 }
 
-// g[m, :] = dy[m, :] @ b_scaled and db_acc += dy[m, :]^T s_scaled[m, :]. b: [N, r_pad] fp32 (times scaling),
-// s_scaled: [M, r_pad] fp32 (times scaling), g: [M, r], db_acc: [N, r_pad] (this chunk's), r_pad % 8 == 0.
+// Runs block<NV>(j0) over the rank groups of r_pad (a multiple of 8): 16 ranks at a time, then a last 8.
+template <typename Block>
+FASTPEFT_INLINE void for_rank_groups(int64_t r_pad, const Block& block) {
+  int64_t j0 = 0;
+  for (; j0 + kRankGroup <= r_pad; j0 += kRankGroup) block(std::integral_constant<int64_t, 2>(), j0);
+  if (j0 < r_pad) block(std::integral_constant<int64_t, 1>(), j0);
+}
+
+// ---- the chunk kernels: rows [m0, m1) of the large operand ----------------------------------------------
+
+// s[m, j] = sum_k dropout(x)[m, k] * a[j, k]. aT: [K, r_pad] fp32, s: [M, r].
 template <typename T>
-FASTPEFT_CPU_CLONES void dy_rows(const Strided<T> dy, int64_t N, const float* b, const float* s, int64_t r,
-                                 int64_t r_pad, int64_t tile, int64_t m0, int64_t m1, float* g, float* db,
-                                 float* dyb /* [kRows, tile] */, const float* zeros /* [r_pad] */) {
+FASTPEFT_INLINE void shrink_chunk_body(const Strided<T> x, int64_t K, const float* aT, int64_t r, int64_t r_pad,
+                                       const HashMask mask, bool masked, int64_t m0, int64_t m1, float* s,
+                                       float* panel) {
+  const int64_t ld = panel_stride(K);
+  alignas(32) float out[kMR * kRankGroup];
+  for (int64_t m = m0; m < m1; m += kMR) {
+    const int64_t rows = std::min(kMR, m1 - m);
+    load_panel(x, m, rows, kMR, K, ld, mask, masked, panel);
+    RowPrefetcher next(x.data, x.row_step, x.col_step, m + kMR, std::min(kMR, m1 - m - kMR), K);
+    for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
+      reduce_block<decltype(nv)::value>(panel, ld, aT + j0, r_pad, K, out, kRankGroup, next);
+      const int64_t ranks = std::min(kRankGroup, r - j0);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < ranks; ++j) s[(m + i) * r + j0 + j] = out[i * kRankGroup + j];
+    });
+  }
+}
+FASTPEFT_DISPATCHED(shrink_chunk)
+
+// g[m, :] = dy[m, :] @ b and dbT += dy[m, :]^T s[m, :], with b: [N, r_pad] and s: [M, r_pad] fp32 (both already
+// times scaling), g: [M, r], dbT: [panel_columns(N), r_pad] (this chunk's).
+template <typename T>
+FASTPEFT_INLINE void dy_chunk_body(const Strided<T> dy, int64_t N, const float* b, const float* s, int64_t r,
+                                   int64_t r_pad, int64_t m0, int64_t m1, float* g, float* db, float* panel) {
   const HashMask no_mask(0, 0.0);
-  const int64_t ld = row_stride(tile);  // of the scratch rows
-  for (int64_t n0 = 0; n0 < N; n0 += tile) {
-    const int64_t width = std::min(tile, N - n0);
-    for (int64_t m = m0; m < m1; m += kRows) {
-      const int64_t rows = std::min(kRows, m1 - m);
-      for (int64_t i = 0; i < kRows; ++i) {
-        if (i < rows) load_row(dy, m + i, n0, width, width, no_mask, false, dyb + i * ld);
-        else std::fill(dyb + i * ld, dyb + i * ld + width, 0.0f);
+  const int64_t ld = panel_stride(N), cols = panel_columns(N);
+  alignas(32) float out[kMR * kRankGroup];
+  for (int64_t m = m0; m < m1; m += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
+    load_panel(dy, m, rows, rows_padded, N, ld, no_mask, false, panel);
+    RowPrefetcher next(dy.data, dy.row_step, dy.col_step, m + kBlockRows, std::min(kBlockRows, m1 - m - kBlockRows), N);
+    for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
+      constexpr int64_t NV = decltype(nv)::value;
+      const int64_t ranks = std::min(kRankGroup, r - j0);
+      for (int64_t i0 = 0; i0 < rows; i0 += kMR) {
+        reduce_block<NV>(panel + i0 * ld, ld, b + j0, r_pad, N, out, kRankGroup, next);
+        for (int64_t i = 0; i < std::min(kMR, rows - i0); ++i)
+          for (int64_t j = 0; j < ranks; ++j) g[(m + i0 + i) * r + j0 + j] = out[i * kRankGroup + j];
       }
-      const int64_t next_rows = std::min(kRows, m1 - m - kRows);
-      for (int64_t c = 0; c < r_pad; c += kLanes) {  // 8 ranks at a time: kRows g accumulators, one db row
-        prefetch_part(dy.data, dy.row_step, dy.col_step, m + kRows, next_rows, n0, width, c / kLanes, r_pad / kLanes);
-        Vec s_lanes[kRows], g_acc[kRows] = {};
-        for (int64_t i = 0; i < kRows; ++i) s_lanes[i] = load((i < rows ? s + (m + i) * r_pad : zeros) + c);
-        for (int64_t n = 0; n < width; ++n) {
-          const Vec bv = load(b + (n0 + n) * r_pad + c);
-          float* db_n = db + (n0 + n) * r_pad + c;
-          Vec dbv = load(db_n);
-          for (int64_t i = 0; i < kRows; ++i) {
-            const float d = dyb[i * ld + n];
-            g_acc[i] += d * bv;
-            dbv += d * s_lanes[i];
-          }
-          store(db_n, dbv);
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          float* out = g + (m + i) * r + c;
-          for (int64_t l = 0; l < std::min(kLanes, r - c); ++l) out[l] = n0 == 0 ? g_acc[i][l] : out[l] + g_acc[i][l];
-        }
-      }
-    }
+      for (int64_t c0 = 0; c0 < cols; c0 += kMC)
+        rank_block<NV>(panel + c0, ld, rows, s + m * r_pad + j0, r_pad, db + c0 * r_pad + j0, r_pad, next);
+    });
   }
 }
+FASTPEFT_DISPATCHED(dy_chunk)
 
-// da_acc += g[m, :]^T dropout(x)[m, :] and, when dx, dx[m, :] += factor * (g[m, :] @ a). a: [r, K_pad] fp32,
-// g: [M, r] fp32, da_acc: [r, K_pad] (this chunk's), dx: [M, K] contiguous or null.
+// Both gradients of the low-rank factors without dropout, from one read of x and dy, for when the forward saved
+// no shrink (it ran on the folded weight): per panel s = x a^T and g = dy b (times scaling), then
+// dbT += dy^T s and daT += x^T g. aT: [K, r_pad], b: [N, r_pad] (times scaling), daT / dbT: this chunk's
+// [panel_columns(K or N), r_pad]; sb, gb: [kBlockRows, r_pad] scratch.
 template <typename T>
-FASTPEFT_CPU_CLONES void dx_rows(const Strided<T> x, int64_t K, const float* g, int64_t r, const float* a,
-                                 int64_t K_pad, T* dx, const HashMask mask, bool masked, int64_t tile, int64_t m0,
-                                 int64_t m1, float* da, float* xb, float* fb, float* tb /* each [kRows, tile] */,
-                                 const float* zeros /* [r] */) {
-  const int64_t ld = row_stride(tile);  // of the scratch rows
-  for (int64_t k0 = 0; k0 < K; k0 += tile) {
-    const int64_t width = std::min(tile, K - k0), padded = round_up(width, kLanes);
-    for (int64_t m = m0; m < m1; m += kRows) {
-      const int64_t rows = std::min(kRows, m1 - m);
-      const float* g_rows[kRows];
-      for (int64_t i = 0; i < kRows; ++i) {
-        g_rows[i] = i < rows ? g + (m + i) * r : zeros;
-        if (i < rows) load_row(x, m + i, k0, width, padded, mask, masked, xb + i * ld);
-        else std::fill(xb + i * ld, xb + i * ld + padded, 0.0f);
-        if (dx != nullptr && masked && i < rows) load_factors(mask, m + i, k0, width, fb + i * ld);
+FASTPEFT_INLINE void grad_chunk_body(const Strided<T> x, const Strided<T> dy, int64_t K, int64_t N, const float* aT,
+                                     const float* b, float scaling, int64_t r_pad, int64_t m0, int64_t m1, float* da,
+                                     float* db, float* x_panel, float* dy_panel, float* sb, float* gb) {
+  const HashMask no_mask(0, 0.0);
+  const int64_t x_ld = panel_stride(K), dy_ld = panel_stride(N);
+  for (int64_t m = m0; m < m1; m += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
+    const int64_t next_rows = std::min(kBlockRows, m1 - m - kBlockRows);
+    load_panel(x, m, rows, rows_padded, K, x_ld, no_mask, false, x_panel);
+    load_panel(dy, m, rows, rows_padded, N, dy_ld, no_mask, false, dy_panel);
+    RowPrefetcher next_x(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
+    RowPrefetcher next_dy(dy.data, dy.row_step, dy.col_step, m + kBlockRows, next_rows, N);
+    for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
+      constexpr int64_t NV = decltype(nv)::value;
+      for (int64_t i0 = 0; i0 < rows_padded; i0 += kMR) {
+        reduce_block<NV>(x_panel + i0 * x_ld, x_ld, aT + j0, r_pad, K, sb + i0 * r_pad + j0, r_pad, next_x);
+        reduce_block<NV>(dy_panel + i0 * dy_ld, dy_ld, b + j0, r_pad, N, gb + i0 * r_pad + j0, r_pad, next_dy);
       }
-      const int64_t next_rows = std::min(kRows, m1 - m - kRows);
-      for (int64_t c = 0; c < padded; c += kLanes) {  // 8 columns: kRows inputs and dx terms, one da row
-        if (c % 64 == 0) {  // one cache line of each next row (and of dx's next rows) per 64 columns
-          prefetch_part(x.data, x.row_step, x.col_step, m + kRows, next_rows, k0 + c, std::min<int64_t>(64, width - c), 0, 1);
-          if (dx != nullptr) prefetch_part(dx, K, 1, m + kRows, next_rows, k0 + c, std::min<int64_t>(64, width - c), 0, 1, 1);
-        }
-        Vec x_lanes[kRows], t_acc[kRows] = {};
-        for (int64_t i = 0; i < kRows; ++i) x_lanes[i] = load(xb + i * ld + c);
-        for (int64_t j = 0; j < r; ++j) {
-          float* da_j = da + j * K_pad + k0 + c;
-          Vec dav = load(da_j);
-          if (dx != nullptr) {
-            const Vec av = load(a + j * K_pad + k0 + c);
-            for (int64_t i = 0; i < kRows; ++i) {
-              const float gij = g_rows[i][j];
-              dav += gij * x_lanes[i];
-              t_acc[i] += gij * av;
-            }
-          } else {
-            for (int64_t i = 0; i < kRows; ++i) dav += g_rows[i][j] * x_lanes[i];
-          }
-          store(da_j, dav);
-        }
-        if (dx != nullptr)
-          for (int64_t i = 0; i < kRows; ++i) store(tb + i * ld + c, t_acc[i]);
-      }
-      if (dx == nullptr) continue;
-      for (int64_t i = 0; i < rows; ++i) {  // fp32 sum, rounded once to T; the product rounded before the add
-        T* out = dx + (m + i) * K + k0;
-        const float* t = tb + i * ld;
-        if (masked) {
-          const float* f = fb + i * ld;
-          for (int64_t k = 0; k < width; ++k) out[k] = static_cast<T>(static_cast<float>(out[k]) + t[k] * f[k]);
-        } else {
-          for (int64_t k = 0; k < width; ++k) out[k] = static_cast<T>(static_cast<float>(out[k]) + t[k]);
-        }
-      }
-    }
+    });
+    for (int64_t i = 0; i < rows * r_pad; ++i) sb[i] *= scaling;
+    for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
+      constexpr int64_t NV = decltype(nv)::value;
+      for (int64_t c0 = 0; c0 < panel_columns(N); c0 += kMC)
+        rank_block<NV>(dy_panel + c0, dy_ld, rows, sb + j0, r_pad, db + c0 * r_pad + j0, r_pad, next_dy);
+      for (int64_t c0 = 0; c0 < panel_columns(K); c0 += kMC)
+        rank_block<NV>(x_panel + c0, x_ld, rows, gb + j0, r_pad, da + c0 * r_pad + j0, r_pad, next_x);
+    });
   }
 }
+FASTPEFT_DISPATCHED(grad_chunk)
+
+// daT += dropout(x)[m, :]^T g[m, :] and, when dx, dx[m, :] += factor * (g[m, :] @ a). g: [M padded, r_pad] fp32,
+// a: [r, panel_columns(K)] fp32, daT: [panel_columns(K), r_pad] (this chunk's), dx: [M, K] contiguous or null.
+template <typename T>
+FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g, int64_t r, int64_t r_pad,
+                                   const float* a, T* dx, const HashMask mask, bool masked, int64_t m0, int64_t m1,
+                                   float* da, float* panel, float* factors) {
+  const int64_t ld = panel_stride(K), cols = panel_columns(K);
+  const bool keep_factors = dx != nullptr && masked;
+  for (int64_t m = m0; m < m1; m += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, m1 - m);
+    load_panel(x, m, rows, rows, K, ld, mask, masked, panel, keep_factors ? factors : nullptr);
+    const int64_t next_rows = std::min(kBlockRows, m1 - m - kBlockRows);
+    // while da's blocks run: this panel's dx rows (about to be updated), else the next panel's x rows
+    RowPrefetcher first = dx != nullptr ? RowPrefetcher(dx, K, 1, m, rows, K, 1)
+                                        : RowPrefetcher(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
+    for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
+      for (int64_t c0 = 0; c0 < cols; c0 += kMC)
+        rank_block<decltype(nv)::value>(panel + c0, ld, rows, g + m * r_pad + j0, r_pad, da + c0 * r_pad + j0, r_pad,
+                                        first);
+    });
+    if (dx == nullptr) continue;
+    RowPrefetcher second(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
+    for (int64_t i0 = 0; i0 < rows; i0 += kXR)  // g's rows past M are zero (padded)
+      for (int64_t c0 = 0; c0 < K; c0 += kXCols)
+        expand_add_block(g + (m + i0) * r_pad, r_pad, r, a + c0, cols, dx + (m + i0) * K + c0, K,
+                         keep_factors ? factors + i0 * ld + c0 : nullptr, ld, std::min(kXR, rows - i0),
+                         std::min(kXCols, K - c0), second);
+  }
+}
+FASTPEFT_DISPATCHED(dx_chunk)
 
 // ---- chunking, checks, ops ------------------------------------------------------------------------------
 
@@ -276,8 +360,8 @@ struct Chunks {
 
   Chunks(int64_t M, int64_t work_per_row) {
     const int64_t worth = std::max<int64_t>(1, M * std::max<int64_t>(work_per_row, 1) / kWorkPerChunk);
-    count = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), worth, (M + kRows - 1) / kRows}));
-    rows_per = round_up((M + count - 1) / count, kRows);
+    count = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), worth, (M + kBlockRows - 1) / kBlockRows}));
+    rows_per = round_up((M + count - 1) / count, kBlockRows);
     count = std::max<int64_t>(1, (M + rows_per - 1) / rows_per);
   }
 
@@ -321,6 +405,15 @@ void check_dropout(double p, int64_t rows, const char* op) {
   TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
 }
 
+// A small operand as fp32 (times scale), zero-padded: [rows_padded, cols_padded], row-major.
+at::Tensor padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padded, double scale = 1.0) {
+  auto out = at::zeros({rows_padded, cols_padded}, t.options().dtype(at::kFloat));
+  auto body = out.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1));
+  body.copy_(t);
+  if (scale != 1.0) body.mul_(scale);
+  return out;
+}
+
 at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, int64_t seed, double p) {
   constexpr const char* op = "lora_shrink";
   check_matrix(x, "x", "[M, K]", op);
@@ -334,16 +427,16 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, int64_t seed, d
   if (K == 0) return s.zero_();
   if (x.scalar_type() == at::kHalf) return lora_shrink(x.to(at::kFloat), a, seed, p);
 
-  const int64_t r_pad = round_up(r, 2), K_pad = row_stride(K), tile = tile_width(K, r_pad);
-  const auto a32 = padded_float(a, r_pad, K_pad);
+  const int64_t r_pad = round_up(r, kLanes);
+  const auto aT = padded_float(a.t(), K, r_pad);
   const HashMask mask(seed, p);
   const Chunks chunks(M, K * r);
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto xs = strided<scalar_t>(x);
     chunks.run(M, [&](int64_t, int64_t m0, int64_t m1) {
-      Scratch xb(kRows * row_stride(tile));
-      shrink_rows(xs, K, a32.const_data_ptr<float>(), K_pad, r, r_pad, mask, p > 0.0, tile, m0, m1,
-                  s.mutable_data_ptr<float>(), xb.data());
+      Scratch panel(kMR * panel_stride(K));
+      shrink_chunk<scalar_t>(xs, K, aT.const_data_ptr<float>(), r, r_pad, mask, p > 0.0, m0, m1,
+                             s.mutable_data_ptr<float>(), panel.data());
     });
   });
   return s;
@@ -368,21 +461,66 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::
   if (M == 0 || N == 0 || r == 0) return {g.zero_(), at::zeros({N, r}, f32)};
   if (dy.scalar_type() == at::kHalf) return lora_dy_pass(dy.to(at::kFloat), b, s, scaling);
 
-  const int64_t r_pad = round_up(r, kLanes), tile = tile_width(N, 2 * r_pad);
+  const int64_t r_pad = round_up(r, kLanes);
   const auto b32 = padded_float(b, N, r_pad, scaling);
   const auto s32 = padded_float(s, M, r_pad, scaling);
   const Chunks chunks(M, N * r);
-  auto db_acc = at::zeros({chunks.count, N, r_pad}, f32);
+  auto db_acc = at::zeros({chunks.count, panel_columns(N), r_pad}, f32);
   FASTPEFT_DISPATCH_FLOAT_TYPES(dy.scalar_type(), op, [&] {
     const auto dys = strided<scalar_t>(dy);
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
-      Scratch dyb(kRows * row_stride(tile)), zeros(r_pad);
-      dy_rows(dys, N, b32.const_data_ptr<float>(), s32.const_data_ptr<float>(), r, r_pad, tile, m0, m1,
-              g.mutable_data_ptr<float>(), db_acc.mutable_data_ptr<float>() + chunk * N * r_pad, dyb.data(),
-              zeros.data());
+      Scratch panel(kBlockRows * panel_stride(N));
+      dy_chunk<scalar_t>(dys, N, b32.const_data_ptr<float>(), s32.const_data_ptr<float>(), r, r_pad, m0, m1,
+                         g.mutable_data_ptr<float>(), db_acc.mutable_data_ptr<float>() + chunk * db_acc.stride(0),
+                         panel.data());
     });
   });
-  return {g, db_acc.sum(0).narrow(1, 0, r).contiguous()};
+  return {g, db_acc.sum(0).narrow(0, 0, N).narrow(1, 0, r).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& a,
+                                                  const at::Tensor& b, double scaling) {
+  constexpr const char* op = "lora_grad_pass";
+  check_matrix(x, "x", "[M, K]", op);
+  check_matrix(dy, "dy", "[M, N]", op);
+  check_matrix(a, "a", "[r, K]", op);
+  check_matrix(b, "b", "[N, r]", op);
+  check_size(dy, "dy", 0, x.size(0), "M (x.size(0))", op);
+  check_size(a, "a", 1, x.size(1), "K (x.size(1))", op);
+  check_size(b, "b", 0, dy.size(1), "N (dy.size(1))", op);
+  check_size(b, "b", 1, a.size(0), "r (a.size(0))", op);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy dtype ", dy.scalar_type(), " must match x dtype ",
+              x.scalar_type());
+  check_device(dy, "dy", x, "x", op);
+  check_device(a, "a", x, "x", op);
+  check_device(b, "b", x, "x", op);
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), r = a.size(0);
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (x.is_meta()) return {at::empty({r, K}, f32), at::empty({N, r}, f32)};
+  if (M == 0 || K == 0 || N == 0 || r == 0) return {at::zeros({r, K}, f32), at::zeros({N, r}, f32)};
+  if (x.scalar_type() == at::kHalf) return lora_grad_pass(x.to(at::kFloat), dy.to(at::kFloat), a, b, scaling);
+
+  const int64_t r_pad = round_up(r, kLanes);
+  const auto aT = padded_float(a.t(), K, r_pad);
+  const auto b32 = padded_float(b, N, r_pad, scaling);
+  const Chunks chunks(M, 4 * (K + N) * r);
+  auto da_acc = at::zeros({chunks.count, panel_columns(K), r_pad}, f32);  // transposed: [K, r] per chunk
+  auto db_acc = at::zeros({chunks.count, panel_columns(N), r_pad}, f32);
+  FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
+    const auto xs = strided<scalar_t>(x), dys = strided<scalar_t>(dy);
+    chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
+      const int64_t x_floats = kBlockRows * panel_stride(K), dy_floats = kBlockRows * panel_stride(N);
+      Scratch buffers(x_floats + dy_floats + 2 * kBlockRows * r_pad);
+      float* x_panel = buffers.data();
+      grad_chunk<scalar_t>(xs, dys, K, N, aT.const_data_ptr<float>(), b32.const_data_ptr<float>(),
+                           static_cast<float>(scaling), r_pad, m0, m1,
+                           da_acc.mutable_data_ptr<float>() + chunk * da_acc.stride(0),
+                           db_acc.mutable_data_ptr<float>() + chunk * db_acc.stride(0), x_panel, x_panel + x_floats,
+                           x_panel + x_floats + dy_floats, x_panel + x_floats + dy_floats + kBlockRows * r_pad);
+    });
+  });
+  return {da_acc.sum(0).narrow(0, 0, K).narrow(1, 0, r).t().contiguous(),
+          db_acc.sum(0).narrow(0, 0, N).narrow(1, 0, r).contiguous()};
 }
 
 at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
@@ -419,24 +557,23 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
   }
 
   const bool with_dx = dx.has_value();
-  const int64_t K_pad = row_stride(K), tile = tile_width(K, (with_dx ? 2 : 1) * r);
-  const auto a32 = padded_float(a, r, K_pad);
-  const auto g32 = g.contiguous();
+  const int64_t r_pad = round_up(r, kLanes), cols = panel_columns(K);
+  const auto a32 = padded_float(a, r, cols);
+  const auto g32 = padded_float(g, round_up(M, kXR), r_pad);
   const HashMask mask(seed, p);
   const Chunks chunks(M, (with_dx ? 2 : 1) * K * r);
-  auto da_acc = at::zeros({chunks.count, r, K_pad}, f32);
+  auto da_acc = at::zeros({chunks.count, cols, r_pad}, f32);  // transposed: [K, r] per chunk
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto xs = strided<scalar_t>(x);
     scalar_t* dx_ptr = with_dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
-      Scratch buffers(3 * kRows * row_stride(tile)), zeros(r);
-      float* xb = buffers.data();
-      dx_rows(xs, K, g32.const_data_ptr<float>(), r, a32.const_data_ptr<float>(), K_pad, dx_ptr, mask, p > 0.0,
-              tile, m0, m1, da_acc.mutable_data_ptr<float>() + chunk * r * K_pad, xb, xb + kRows * row_stride(tile),
-              xb + 2 * kRows * row_stride(tile), zeros.data());
+      Scratch panels((with_dx && p > 0.0 ? 2 : 1) * kBlockRows * panel_stride(K));
+      dx_chunk<scalar_t>(xs, K, g32.const_data_ptr<float>(), r, r_pad, a32.const_data_ptr<float>(), dx_ptr, mask,
+                         p > 0.0, m0, m1, da_acc.mutable_data_ptr<float>() + chunk * da_acc.stride(0),
+                         panels.data(), panels.data() + kBlockRows * panel_stride(K));
     });
   });
-  return da_acc.sum(0).narrow(1, 0, K).contiguous();
+  return da_acc.sum(0).narrow(0, 0, K).narrow(1, 0, r).t().contiguous();
 }
 
 }  // namespace
@@ -445,12 +582,14 @@ TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("lora_shrink(Tensor x, Tensor a, int seed, float p) -> Tensor");
   m.def("lora_dy_pass(Tensor dy, Tensor b, Tensor s, float scaling) -> (Tensor, Tensor)");
   m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!)? dx, int seed, float p) -> Tensor");
+  m.def("lora_grad_pass(Tensor x, Tensor dy, Tensor a, Tensor b, float scaling) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_dy_pass", &lora_dy_pass);
   m.impl("lora_dx_pass_", &lora_dx_pass_);
+  m.impl("lora_grad_pass", &lora_grad_pass);
 }
 
 }  // namespace fastpeft

@@ -8,6 +8,38 @@
 
 #define FASTPEFT_INLINE inline __attribute__((always_inline))
 
+// Kernels whose inner loops are multiply-adds are built twice: for AVX2 + FMA, with a * b + c contracted into one
+// fused instruction (the project builds with -ffp-contract=off elsewhere), and for the baseline. GCC's
+// target_clones cannot express that pair (its "arch=haswell" clone dispatches on the CPU model, so AMD CPUs
+// would get the baseline), hence FASTPEFT_DISPATCHED below and a feature test at run time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTPEFT_FMA_TARGET __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+inline bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+#define FASTPEFT_FMA_TARGET
+inline bool cpu_has_avx2_fma() { return false; }
+#endif
+
+// name<T>(args...) runs the always-inlined name##_body<T>(args...) in its AVX2 + FMA build where the CPU has
+// those, else in its baseline build.
+#define FASTPEFT_DISPATCHED(name)                                                                     \
+  template <typename T, typename... Args>                                                             \
+  FASTPEFT_FMA_TARGET void name##_fma(Args... args) {                                                 \
+    name##_body<T>(args...);                                                                          \
+  }                                                                                                   \
+  template <typename T, typename... Args>                                                             \
+  void name##_plain(Args... args) {                                                                   \
+    name##_body<T>(args...);                                                                          \
+  }                                                                                                   \
+  template <typename T, typename... Args>                                                             \
+  void name(Args... args) {                                                                           \
+    if (cpu_has_avx2_fma()) name##_fma<T>(args...);                                                   \
+    else name##_plain<T>(args...);                                                                    \
+  }
+
 namespace fastpeft {
 
 typedef float Vec __attribute__((vector_size(32)));

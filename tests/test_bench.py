@@ -28,8 +28,10 @@ def test_lora_bench_writes_the_documented_json(tmp_path, dropout):
         assert result["fwd_ms"] > 0 and result["fwd_bwd_ms"] > 0, impl
         assert result["peak_bytes"] is None, impl
         assert 0 <= result["saved_bytes"] <= result["saved_bytes_all"], impl
-    # fastpeft keeps the [M, r] shrink beyond what the base layer keeps; PEFT also keeps a dropped copy of x.
-    assert report["ratios"]["saved_extra_over_base_bytes"] == report["ratios"]["shrink_bytes"] == 64 * 4 * 4
+    # fastpeft keeps the [M, r] shrink beyond what the base layer keeps, or nothing where fp32 without dropout runs
+    # on the folded weight (the backward recomputes the shrink); PEFT also keeps a dropped copy of x.
+    assert report["ratios"]["shrink_bytes"] == 64 * 4 * 4
+    assert report["ratios"]["saved_extra_over_base_bytes"] == (64 * 4 * 4 if dropout else 0)
     if dropout:
         assert report["results"]["peft"]["saved_bytes"] >= 64 * 24 * 4
     assert all(value > 0 for key, value in report["ratios"].items() if "/" in key)

@@ -89,9 +89,22 @@ def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dty
         assert (err <= budget).all(), f"dx: max error {err.max().item():.3g}"
 
 
+@examples(60)
+@given(m=rows, k=cols, n=cols, r=ranks, dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+       scaling=st.floats(0.25, 4.0), data_seed=st.integers(0, 2**31))
+def test_grad_pass_gives_da_and_db_from_x_and_dy(ext, m, k, n, r, dtype, layout, scaling, data_seed):
+    """Without dropout: dA = s (dy B)^T x and dB = s dy^T (x A^T), the shrink recomputed inside."""
+    x, dy = make_2d(m, k, dtype, layout, data_seed), make_2d(m, n, dtype, layout, data_seed + 1)
+    a, b = make_2d(r, k, dtype, "contiguous", data_seed + 2), make_2d(n, r, dtype, "contiguous", data_seed + 3)
+    da, db = ext.lora_grad_pass(x, dy, a, b, scaling)
+    x64, dy64, a64, b64 = x.double(), dy.double(), a.double(), b.double()
+    assert_fp32_sum(da, scaling * (dy64 @ b64).t() @ x64, scaling * (dy64.abs() @ b64.abs()).t() @ x64.abs())
+    assert_fp32_sum(db, scaling * dy64.t() @ (x64 @ a64.t()), scaling * dy64.abs().t() @ (x64.abs() @ a64.abs().t()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
-    """Several column tiles (K, N > 1024) and row chunks on every thread: the partial sums must add up."""
+    """Wide rows (K, N > 1024) and row chunks on every thread: the partial sums must add up."""
     m, k, n, r, p, seed = 203, 2100, 1500, 24, 0.1, 77
     x, dy = make_2d(m, k, dtype, "contiguous", 1), make_2d(m, n, dtype, "row-padded", 2)
     a, b = make_2d(r, k, dtype, "contiguous", 3), make_2d(n, r, dtype, "contiguous", 4)
@@ -103,6 +116,10 @@ def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
     assert_fp32_sum(db, 2.0 * dy.double().t() @ s.double(), 2.0 * dy.double().abs().t() @ s.double().abs())
     da = ext.lora_dx_pass_(x, g, a, None, seed, p)
     assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
+    da, db = ext.lora_grad_pass(x, dy, a, b, 2.0)
+    x64, dy64, a64, b64 = x.double(), dy.double(), a.double(), b.double()
+    assert_fp32_sum(da, 2.0 * (dy64 @ b64).t() @ x64, 2.0 * (dy64.abs() @ b64.abs()).t() @ x64.abs())
+    assert_fp32_sum(db, 2.0 * dy64.t() @ (x64 @ a64.t()), 2.0 * dy64.abs().t() @ (x64.abs() @ a64.abs().t()))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -119,7 +136,7 @@ def test_results_are_deterministic_for_a_thread_count(ext, threads):
             g, db = ext.lora_dy_pass(dy, b, s, 0.5)
             dx = torch.zeros(m, k)
             da = ext.lora_dx_pass_(x, g, a, dx, seed, p)
-            runs.append((s, g, db, da, dx))
+            runs.append((s, g, db, da, dx) + tuple(ext.lora_grad_pass(x, dy, a, b, 0.5)))
     finally:
         torch.set_num_threads(before)
     for first, second in zip(*runs):
@@ -142,6 +159,10 @@ def test_empty_and_meta_inputs(ext):
     assert g.shape == (5, 3) and db.shape == (7, 3) and db.dtype == torch.float32
     da = ext.lora_dx_pass_(x, g, torch.empty(3, 7, device="meta"), torch.empty_like(x), 3, 0.1)
     assert da.shape == (3, 7) and da.dtype == torch.float32 and da.device.type == "meta"
+    da, db = ext.lora_grad_pass(x, x[:, :4], torch.empty(3, 7, device="meta"), torch.empty(4, 3, device="meta"), 2.0)
+    assert da.shape == (3, 7) and db.shape == (4, 3) and db.dtype == torch.float32 and db.device.type == "meta"
+    da, db = ext.lora_grad_pass(torch.empty(0, 5), torch.empty(0, 6), torch.randn(2, 5), torch.randn(6, 2), 1.0)
+    assert torch.equal(da, torch.zeros(2, 5)) and torch.equal(db, torch.zeros(6, 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -155,6 +176,7 @@ def test_ops_pass_torch_library_opcheck(ext, dtype, p):
     torch.library.opcheck(torch.ops.fastpeft.lora_dy_pass.default, (dy, b, s, 2.0))
     torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p))
     torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, None, 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_grad_pass.default, (x, dy, a, b, 2.0))
 
 
 def _t(*shape, dtype=torch.float32):
@@ -181,6 +203,11 @@ def _t(*shape, dtype=torch.float32):
     (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 3, dtype=torch.bfloat16), 0, 0.1), "dx dtype"),
     (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 4).t(), 0, 0.1), "dx must be contiguous"),
     (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), None, 0, -0.5), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_grad_pass(_t(4, 3), _t(5, 2), _t(2, 3), _t(2, 2), 1.0), "dy of shape .* must have M"),
+    (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 5), _t(2, 2), 1.0), "a of shape .* must have K"),
+    (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 2), 1.0), "b of shape .* must have N"),
+    (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 3), _t(2, 3), 1.0), "b of shape .* must have r"),
+    (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2, dtype=torch.bfloat16), _t(2, 3), _t(2, 2), 1.0), "dy dtype"),
 ])
 def test_bad_input_is_named(ext, call, message):
     with pytest.raises(RuntimeError, match=message):

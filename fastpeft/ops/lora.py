@@ -36,19 +36,22 @@ def _folded_weight(weight, lora_a, lora_b, scaling):
 
 class LoraLinearTorch(torch.autograd.Function):
     """Hand-fused PyTorch: one output buffer, addmm epilogues, and a backward that regenerates the dropout mask
-    from its seed, so only x and the [M, r] shrink are saved. With `use_ext` (the `ext` backend) the low-rank
-    passes run in the C++ extension where that measured faster (`_fused`)."""
+    from its seed, so only x and the [M, r] shrink are saved (only x when the weight is folded). With `use_ext`
+    (the `ext` backend) the low-rank products run in the C++ extension's fused passes, which read each [M, K] /
+    [M, N] operand once and beat BLAS's thin GEMMs on every dtype (fp32 1.1-1.6x per product on 2 cores, bf16 /
+    fp16 3-20x)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, use_ext):
-        if use_ext and LoraLinearTorch._fused(x2d, dropout_p):  # fp32 [M, r] in one read of x, the mask applied on the fly
-            shrink = _ext_module().lora_shrink(x2d, lora_a, seed, dropout_p)
-        else:
-            shrink = dropout_ref(x2d, dropout_p, seed).mm(lora_a.t())
-        if _fold_pays(x2d, weight, dropout_p):
+        if _fold_pays(x2d, weight, dropout_p):  # the shrink is left to the backward, which reads x anyway
+            shrink = None
             folded = _folded_weight(weight, lora_a, lora_b, scaling)
             out = x2d.mm(folded.t()) if bias is None else torch.addmm(bias, x2d, folded.t())
         else:
+            if use_ext:  # fp32 [M, r] in one read of x, the mask applied on the fly
+                shrink = _ext_module().lora_shrink(x2d, lora_a, seed, dropout_p)
+            else:
+                shrink = dropout_ref(x2d, dropout_p, seed).mm(lora_a.t())
             out = x2d.mm(weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
             out.addmm_(shrink.to(x2d.dtype), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrink)
@@ -56,58 +59,44 @@ class LoraLinearTorch(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _fused(x2d: torch.Tensor, dropout_p: float) -> bool:
-        """Whether the extension's fused low-rank passes (lora_shrink / lora_dy_pass / lora_dx_pass_) beat BLAS.
-        Measured end to end (fwd+bwd, 4096x768x768, r=16, 2 cores): bf16/fp16 3-20x, whose thin GEMMs torch runs
-        slowly on CPU; fp32 with dropout 1.18-1.24x base against 1.32-1.35x for BLAS plus separate [M, K]
-        dropout temporaries; fp32 without dropout, MKL's thin GEMMs on the folded weight are as fast (1.11 vs 1.13)."""
-        return x2d.dtype != torch.float32 or dropout_p > 0.0
-
-    @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, shrink = ctx.saved_tensors
         scaling, dropout_p, seed, use_ext, has_bias = ctx.config
         need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        if use_ext and LoraLinearTorch._fused(x2d, dropout_p):
-            return LoraLinearTorch._fused_backward(ctx, dy, x2d, weight, lora_a, lora_b, shrink)
-        # Two BLAS calls: in fp32 without dropout they beat the extension's one-pass lora_dy_pass end to end (fwd+bwd
-        # 1.11-1.12x base against 1.13-1.18x, four interleaved runs at 4096x768x768 r=16 on 2 cores).
-        grad_lowrank, db = dy.mm(lora_b).mul_(scaling), dy.t().mm(shrink).mul_(scaling)  # [M, r], [N, r]
-        dx = da = None
-        if dropout_p == 0.0:
+        dx = da = db = None
+        if shrink is None:  # folded forward: no dropout, fp32
             if need_dx:
-                if _fold_pays(x2d, weight, dropout_p):
-                    dx = dy.mm(_folded_weight(weight, lora_a, lora_b, scaling))
-                else:
-                    dx = dy.mm(weight).addmm_(grad_lowrank, lora_a)
-            if need_da:
-                da = x2d.t().mm(grad_lowrank).t()  # BLAS runs x^T G faster than G^T x
-        elif need_dx or need_da:
-            if need_dx:  # G A masked with the forward's mask (same positions, same 1/(1-p))
+                dx = dy.mm(_folded_weight(weight, lora_a, lora_b, scaling))
+            if need_da or need_db:
+                da, db = LoraLinearTorch._factor_grads(x2d, dy, lora_a, lora_b, scaling, use_ext)
+        elif use_ext:
+            # One read of dy gives G = s dy B and dB; one read of x gives dA and adds the masked G A into dx.
+            ext = _ext_module()
+            grad_lowrank, db = ext.lora_dy_pass(dy, lora_b, shrink, scaling)  # fp32 [M, r], [N, r]
+            dx = dy.mm(weight) if need_dx else None
+            if need_da or need_dx:
+                da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, dx, seed, dropout_p)
+        else:
+            grad_lowrank, db = dy.mm(lora_b).mul_(scaling), dy.t().mm(shrink).mul_(scaling)  # [M, r], [N, r]
+            if need_dx and dropout_p == 0.0:
+                dx = dy.mm(weight).addmm_(grad_lowrank, lora_a)
+            elif need_dx:  # G A masked with the forward's mask (same positions, same 1/(1-p))
                 dx = dy.mm(weight).add_(dropout_ref(grad_lowrank.mm(lora_a), dropout_p, seed))
-            if need_da:
+            if need_da:  # BLAS runs x^T G faster than G^T x
                 da = dropout_ref(x2d, dropout_p, seed).t().mm(grad_lowrank).t()
-        db = db if need_db else None
-        dw = dy.t().mm(x2d) if need_dw else None
-        dbias = dy.sum(0) if need_dbias and has_bias else None
-        return dx, dw, dbias, da, db, None, None, None, None
-
-    @staticmethod
-    def _fused_backward(ctx, dy, x2d, weight, lora_a, lora_b, shrink):
-        """One read of dy gives G = s dy B and dB; one read of x gives dA and adds the masked G A into dx."""
-        scaling, dropout_p, seed, _, has_bias = ctx.config
-        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        ext = _ext_module()
-        grad_lowrank, db = ext.lora_dy_pass(dy, lora_b, shrink, scaling)  # fp32 [M, r], [N, r]
-        dx = dy.mm(weight) if need_dx else None  # (no weight folding: that is fp32 only)
-        da = None
-        if need_dx or need_da:
-            da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, dx, seed, dropout_p)
         da = da.to(lora_a.dtype) if need_da else None
         db = db.to(lora_b.dtype) if need_db else None
         dw = dy.t().mm(x2d) if need_dw else None
         dbias = dy.sum(0) if need_dbias and has_bias else None
         return dx, dw, dbias, da, db, None, None, None, None
+
+    @staticmethod
+    def _factor_grads(x2d, dy, lora_a, lora_b, scaling, use_ext):
+        """dA = s (dy B)^T x and dB = s dy^T (x A^T) without dropout; the extension reads x and dy once for both."""
+        if use_ext:
+            return _ext_module().lora_grad_pass(x2d, dy, lora_a, lora_b, scaling)
+        grad_lowrank = dy.mm(lora_b).mul_(scaling)
+        return x2d.t().mm(grad_lowrank).t(), dy.t().mm(x2d.mm(lora_a.t())).mul_(scaling)
 
 
 class LoraLinearTriton(torch.autograd.Function):
