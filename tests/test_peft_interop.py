@@ -109,6 +109,7 @@ def test_same_outputs_and_gradients_as_peft(name, kwargs):
 
 
 def assert_close_to_scale(actual, expected, what: str) -> None:
-    """fp32 agreement up to summation order, relative to the gradient's scale (floored: key biases get ~0 gradient)."""
+    """fp32 agreement up to summation order and fused multiply-adds, relative to the gradient's scale (floored: key
+    biases get ~0 gradient). Rounding differences grow through the backward of six layers: up to ~2.5e-5 seen."""
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=0, atol=2e-5 * max(scale, 1.0), msg=what)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=5e-5 * max(scale, 1.0), msg=what)
