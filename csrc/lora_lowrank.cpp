@@ -3,20 +3,26 @@
 //   lora_shrink(x, a, seed, p)          s  = dropout_p(x) @ a^T                                  x  [M, K]
 //   lora_dy_pass(dy, b, s, scaling)     g  = scaling * dy @ b,  db = scaling * dy^T @ s           dy [M, N]
 //   lora_dx_pass_(x, g, a, dx, seed, p) da = g^T @ dropout_p(x), and dx += mask/(1-p) * (g @ a)   x  [M, K]
+//   lora_grad_pass(x, dy, a, b, scaling)  da and db without dropout, s and g recomputed per panel  x, dy
 //
 // with a [r, K], b [N, r] and the mask of csrc/dropout_hash.h (p == 0: no mask). BLAS runs these shapes (one
-// dimension of a few dozen) at a fraction of the machine's speed, and the dropout costs [M, K] temporaries besides.
+// dimension of a few dozen) well below the machine's speed, and the dropout costs [M, K] temporaries besides.
 //
 // Every kernel walks blocks of rows of the large operand: the rows are converted to fp32 (and masked, each mask
 // bit hashed once) into a panel, then register-blocked multiply-add kernels run GEMM's outer-product scheme on it,
 // the accumulators in registers and every load feeding several multiply-adds:
 //   reduce_block  out[i, j] = sum_c panel[i, c] * small[c, j]     kMR rows x 16 ranks   (shrink, g)
 //   rank_block    out[c, j] += sum_i panel[i, c] * small[i, j]    kMC columns x 16 ranks (db, da^T)
-//   expand_block  t[i, c] = sum_j g[i, j] * a[j, c]               kXR rows x kXV vectors (dx)
+//   expand_add_block  dx[i, c] += f[i, c] sum_j g[i, j] a[j, c]   kXR rows x kXV vectors (dx)
 // Ranks are padded to a multiple of 8 and taken 16 (or a last 8) at a time. Sums run in fp32 in a fixed order
 // whatever the input dtype. Rows are split into at most one chunk per thread; each chunk owns its da / db
 // accumulator and the chunks are summed in order at the end, so results are deterministic for a given thread
-// count (and a given CPU: the AVX2 + FMA build rounds each multiply-add once).
+// count (and a given CPU: the AVX2 + FMA build rounds each multiply-add once). The next panel's rows are
+// prefetched while one computes.
+//
+// Measured (4096 x 768 x 768, r = 16, fp32, one thread of the 2-core AMD EPYC): lora_grad_pass runs at ~80% of
+// the rate of MKL's large square GEMMs; against MKL's thin GEMMs shrink 1.4x, g + db 1.6x, da 1.2x faster. The
+// former 4-row kernels without FMA or prefetch were 1.2x (shrink) to 2.7x (dx with dropout) slower than these.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -38,8 +38,8 @@ class LoraLinearTorch(torch.autograd.Function):
     """Hand-fused PyTorch: one output buffer, addmm epilogues, and a backward that regenerates the dropout mask
     from its seed, so only x and the [M, r] shrink are saved (only x when the weight is folded). With `use_ext`
     (the `ext` backend) the low-rank products run in the C++ extension's fused passes, which read each [M, K] /
-    [M, N] operand once and beat BLAS's thin GEMMs on every dtype (fp32 1.1-1.6x per product on 2 cores, bf16 /
-    fp16 3-20x)."""
+    [M, N] operand once and beat BLAS's thin GEMMs on every dtype (fp32 1.2-1.6x per pass on one core, less
+    where two threads share the machine; bf16 / fp16, whose thin GEMMs torch runs slowly on CPU, 3-20x)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, use_ext):
