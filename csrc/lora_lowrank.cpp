@@ -1,6 +1,7 @@
 // The thin low-rank products of LoRA on CPU, fused so that each pass reads its large operand once:
 //
-//   lora_shrink(x, a, seed, p)          s  = dropout_p(x) @ a^T                                  x  [M, K]
+//   lora_lowrank_out(x, a, b, bias, scaling, seed, p)
+//                                       s  = dropout_p(x) @ a^T, out = bias + scaling * s @ b^T    x  [M, K]
 //   lora_dy_pass(dy, b, s, scaling)     g  = scaling * dy @ b,  db = scaling * dy^T @ s           dy [M, N]
 //   lora_dx_pass_(x, g, a, dx, seed, p) da = g^T @ dropout_p(x), and dx += mask/(1-p) * (g @ a)   x  [M, K]
 //   lora_grad_pass(x, dy, a, b, scaling)  da and db without dropout, s and g recomputed per panel  x, dy
@@ -11,9 +12,9 @@
 // Every kernel walks blocks of rows of the large operand: the rows are converted to fp32 (and masked, each mask
 // bit hashed once) into a panel, then register-blocked multiply-add kernels run GEMM's outer-product scheme on it,
 // the accumulators in registers and every load feeding several multiply-adds:
-//   reduce_block  out[i, j] = sum_c panel[i, c] * small[c, j]     kMR rows x 16 ranks   (shrink, g)
+//   reduce_block  out[i, j] = sum_c panel[i, c] * small[c, j]     kMR rows x 16 ranks   (s, g)
 //   rank_block    out[c, j] += sum_i panel[i, c] * small[i, j]    kMC columns x 16 ranks (db, da^T)
-//   expand_add_block  dx[i, c] += f[i, c] sum_j g[i, j] a[j, c]   kXR rows x kXV vectors (dx)
+//   expand_add_block  out[i, c] (+)= f[i, c] sum_j g[i, j] a[j, c]  kXR rows x kXV vectors (out, dx)
 // Ranks are padded to a multiple of 8 and taken 16 (or a last 8) at a time. Sums run in fp32 in a fixed order
 // whatever the input dtype. Rows are split into at most one chunk per thread; each chunk owns its da / db
 // accumulator and the chunks are summed in order at the end, so results are deterministic for a given thread
@@ -21,8 +22,10 @@
 // prefetched while one computes.
 //
 // Measured (4096 x 768 x 768, r = 16, fp32, one thread of the 2-core AMD EPYC): lora_grad_pass runs at ~80% of
-// the rate of MKL's large square GEMMs; against MKL's thin GEMMs shrink 1.4x, g + db 1.6x, da 1.2x faster. The
-// former 4-row kernels without FMA or prefetch were 1.2x (shrink) to 2.7x (dx with dropout) slower than these.
+// the rate of MKL's large square GEMMs; against MKL's thin GEMMs s = x a^T 1.4x, g + db 1.6x, da 1.2x faster. The
+// former 4-row kernels without FMA or prefetch were 1.2x (s) to 2.7x (dx with dropout) slower than these. The
+// forward writes bias + low-rank term and the backward the masked G A before the base GEMM accumulates into
+// them (1-4 ms less per step than adding them to its output, which reads that [M, N] tensor back).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -192,12 +195,19 @@ FASTPEFT_INLINE void rank_block(const float* panel, int64_t ld, int64_t rows, co
     for (int64_t v = 0; v < NV; ++v) store(out + c * out_ld + v * kLanes, acc[c][v]);
 }
 
-// dx[i, c] += factors[i, c] * sum_{j < r} g[i, j] * a[j, c] for i < rows (<= kXR), c < width (<= kXCols); factors
-// null: 1. The sum is rounded once to T.
+// What an expand block adds its product to: the output's own values (`accumulate`), else the row `base` (a bias,
+// fp32, or zeros when null), so that the output is written without being read.
+struct ExpandInto {
+  bool accumulate;
+  const float* base;
+};
+
+// out[i, c] = into + factors[i, c] * sum_{j < r} g[i, j] * a[j, c] for i < rows (<= kXR), c < width (<= kXCols);
+// factors null: 1. The sum is rounded once to T.
 template <typename T>
-FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, const float* a, int64_t a_ld, T* dx,
-                                      int64_t dx_ld, const float* factors, int64_t f_ld, int64_t rows, int64_t width,
-                                      RowPrefetcher& prefetch) {
+FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, const float* a, int64_t a_ld, T* out,
+                                      int64_t out_ld, const float* factors, int64_t f_ld, ExpandInto into,
+                                      int64_t rows, int64_t width, RowPrefetcher& prefetch) {
   Vec acc[kXR][kXV] = {};
   for (int64_t j = 0; j < r; ++j) {
     if (j % 4 == 0) prefetch.next();
@@ -213,9 +223,10 @@ FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, c
       for (int64_t i = 0; i < kXR; ++i) {
         if (i >= rows) break;
         for (int64_t v = 0; v < kXV; ++v) {
-          float* out = dx + i * dx_ld + v * kLanes;
+          float* o = out + i * out_ld + v * kLanes;
           const Vec term = factors != nullptr ? acc[i][v] * load(factors + i * f_ld + v * kLanes) : acc[i][v];
-          store(out, load(out) + term);
+          const Vec start = into.accumulate ? load(o) : into.base != nullptr ? load(into.base + v * kLanes) : Vec{};
+          store(o, start + term);
         }
       }
       return;
@@ -225,10 +236,11 @@ FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, c
   for (int64_t i = 0; i < kXR; ++i)
     for (int64_t v = 0; v < kXV; ++v) store(t + i * kXCols + v * kLanes, acc[i][v]);
   for (int64_t i = 0; i < rows; ++i) {
-    T* out = dx + i * dx_ld;
+    T* o = out + i * out_ld;
     for (int64_t c = 0; c < width; ++c) {
       const float term = factors != nullptr ? t[i * kXCols + c] * factors[i * f_ld + c] : t[i * kXCols + c];
-      out[c] = static_cast<T>(static_cast<float>(out[c]) + term);
+      const float start = into.accumulate ? static_cast<float>(o[c]) : into.base != nullptr ? into.base[c] : 0.0f;
+      o[c] = static_cast<T>(start + term);
     }
   }
 }
@@ -243,26 +255,33 @@ FASTPEFT_INLINE void for_rank_groups(int64_t r_pad, const Block& block) {
 
 // ---- the chunk kernels: rows [m0, m1) of the large operand ----------------------------------------------
 
-// s[m, j] = sum_k dropout(x)[m, k] * a[j, k]. aT: [K, r_pad] fp32, s: [M, r].
+// out[m, :] = bias + dropout(x)[m, :] @ a^T @ bs (written, not read) and s[m, :] = dropout(x)[m, :] @ a^T, with
+// aT: [K, r_pad], bs: [r, panel_columns(N)] (b^T times scaling), bias: fp32 [panel_columns(N)] or null,
+// sb: [kBlockRows, r_pad] scratch.
 template <typename T>
-FASTPEFT_INLINE void shrink_chunk_body(const Strided<T> x, int64_t K, const float* aT, int64_t r, int64_t r_pad,
-                                       const HashMask mask, bool masked, int64_t m0, int64_t m1, float* s,
-                                       float* panel) {
-  const int64_t ld = panel_stride(K);
-  alignas(32) float out[kMR * kRankGroup];
-  for (int64_t m = m0; m < m1; m += kMR) {
-    const int64_t rows = std::min(kMR, m1 - m);
-    load_panel(x, m, rows, kMR, K, ld, mask, masked, panel);
-    RowPrefetcher next(x.data, x.row_step, x.col_step, m + kMR, std::min(kMR, m1 - m - kMR), K);
+FASTPEFT_INLINE void lowrank_out_chunk_body(const Strided<T> x, int64_t K, int64_t N, const float* aT, const float* bs,
+                                            const float* bias, int64_t r, int64_t r_pad, const HashMask mask,
+                                            bool masked, int64_t m0, int64_t m1, T* out, float* s, float* panel,
+                                            float* sb) {
+  const int64_t ld = panel_stride(K), n_cols = panel_columns(N);
+  for (int64_t m = m0; m < m1; m += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
+    load_panel(x, m, rows, rows_padded, K, ld, mask, masked, panel);
+    RowPrefetcher next(x.data, x.row_step, x.col_step, m + kBlockRows, std::min(kBlockRows, m1 - m - kBlockRows), K);
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
-      reduce_block<decltype(nv)::value>(panel, ld, aT + j0, r_pad, K, out, kRankGroup, next);
-      const int64_t ranks = std::min(kRankGroup, r - j0);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < ranks; ++j) s[(m + i) * r + j0 + j] = out[i * kRankGroup + j];
+      for (int64_t i0 = 0; i0 < rows_padded; i0 += kMR)
+        reduce_block<decltype(nv)::value>(panel + i0 * ld, ld, aT + j0, r_pad, K, sb + i0 * r_pad + j0, r_pad, next);
     });
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(s + (m + i) * r, sb + i * r_pad, r * sizeof(float));
+    RowPrefetcher none;
+    for (int64_t i0 = 0; i0 < rows; i0 += kXR)
+      for (int64_t c0 = 0; c0 < N; c0 += kXCols)
+        expand_add_block(sb + i0 * r_pad, r_pad, r, bs + c0, n_cols, out + (m + i0) * N + c0, N, nullptr, 0,
+                         ExpandInto{false, bias != nullptr ? bias + c0 : nullptr}, std::min(kXR, rows - i0),
+                         std::min(kXCols, N - c0), none);
   }
 }
-FASTPEFT_DISPATCHED(shrink_chunk)
+FASTPEFT_DISPATCHED(lowrank_out_chunk)
 
 // g[m, :] = dy[m, :] @ b and dbT += dy[m, :]^T s[m, :], with b: [N, r_pad] and s: [M, r_pad] fp32 (both already
 // times scaling), g: [M, r], dbT: [panel_columns(N), r_pad] (this chunk's).
@@ -331,8 +350,8 @@ FASTPEFT_DISPATCHED(grad_chunk)
 // a: [r, panel_columns(K)] fp32, daT: [panel_columns(K), r_pad] (this chunk's), dx: [M, K] contiguous or null.
 template <typename T>
 FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g, int64_t r, int64_t r_pad,
-                                   const float* a, T* dx, const HashMask mask, bool masked, int64_t m0, int64_t m1,
-                                   float* da, float* panel, float* factors) {
+                                   const float* a, T* dx, bool accumulate, const HashMask mask, bool masked,
+                                   int64_t m0, int64_t m1, float* da, float* panel, float* factors) {
   const int64_t ld = panel_stride(K), cols = panel_columns(K);
   const bool keep_factors = dx != nullptr && masked;
   for (int64_t m = m0; m < m1; m += kBlockRows) {
@@ -352,8 +371,8 @@ FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g
     for (int64_t i0 = 0; i0 < rows; i0 += kXR)  // g's rows past M are zero (padded)
       for (int64_t c0 = 0; c0 < K; c0 += kXCols)
         expand_add_block(g + (m + i0) * r_pad, r_pad, r, a + c0, cols, dx + (m + i0) * K + c0, K,
-                         keep_factors ? factors + i0 * ld + c0 : nullptr, ld, std::min(kXR, rows - i0),
-                         std::min(kXCols, K - c0), second);
+                         keep_factors ? factors + i0 * ld + c0 : nullptr, ld, ExpandInto{accumulate, nullptr},
+                         std::min(kXR, rows - i0), std::min(kXCols, K - c0), second);
   }
 }
 FASTPEFT_DISPATCHED(dx_chunk)
@@ -420,32 +439,51 @@ at::Tensor padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_p
   return out;
 }
 
-at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, int64_t seed, double p) {
-  constexpr const char* op = "lora_shrink";
+// (out, s): out = bias + scaling * dropout_p(x) @ a^T @ b^T in x's dtype, the starting value of the forward's
+// output (the base GEMM then accumulates into it), and the fp32 shrink s = dropout_p(x) @ a^T, in one read of x.
+std::tuple<at::Tensor, at::Tensor> lora_lowrank_out(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                                                    const std::optional<at::Tensor>& bias, double scaling,
+                                                    int64_t seed, double p) {
+  constexpr const char* op = "lora_lowrank_out";
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(a, "a", "[r, K]", op);
+  check_matrix(b, "b", "[N, r]", op);
   check_size(a, "a", 1, x.size(1), "K (x.size(1))", op);
+  check_size(b, "b", 1, a.size(0), "r (a.size(0))", op);
   check_device(a, "a", x, "x", op);
-  check_dropout(p, x.size(0), op);
-  const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
+  check_device(b, "b", x, "x", op);
+  const int64_t M = x.size(0), K = x.size(1), N = b.size(0), r = a.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [N] = [", N, "], got ",
+                bias->sizes());
+    check_device(*bias, "bias", x, "x", op);
+  }
+  check_dropout(p, M, op);
+  auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto s = at::empty({M, r}, x.options().dtype(at::kFloat));
-  if (x.is_meta() || s.numel() == 0) return s;
-  if (K == 0) return s.zero_();
-  if (x.scalar_type() == at::kHalf) return lora_shrink(x.to(at::kFloat), a, seed, p);
-
+  if (x.is_meta() || out.numel() == 0 && s.numel() == 0) return {out, s};
+  if (x.scalar_type() == at::kHalf) {  // fp32 arithmetic, out rounded once to half
+    auto [out32, s32] = lora_lowrank_out(x.to(at::kFloat), a, b, bias, scaling, seed, p);
+    return {out32.to(at::kHalf), s32};
+  }
   const int64_t r_pad = round_up(r, kLanes);
   const auto aT = padded_float(a.t(), K, r_pad);
+  const auto bs = padded_float(b.t(), r, panel_columns(N), scaling);
+  const auto bias32 = bias.has_value() ? std::optional<at::Tensor>(padded_float(bias->view({1, N}), 1, panel_columns(N)))
+                                       : std::nullopt;
   const HashMask mask(seed, p);
-  const Chunks chunks(M, K * r);
+  const Chunks chunks(M, (K + N) * r);
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto xs = strided<scalar_t>(x);
     chunks.run(M, [&](int64_t, int64_t m0, int64_t m1) {
-      Scratch panel(kMR * panel_stride(K));
-      shrink_chunk<scalar_t>(xs, K, aT.const_data_ptr<float>(), r, r_pad, mask, p > 0.0, m0, m1,
-                             s.mutable_data_ptr<float>(), panel.data());
+      Scratch buffers(kBlockRows * panel_stride(K) + kBlockRows * r_pad);
+      lowrank_out_chunk<scalar_t>(xs, K, N, aT.const_data_ptr<float>(), bs.const_data_ptr<float>(),
+                                  bias32 ? bias32->const_data_ptr<float>() : nullptr, r, r_pad, mask, p > 0.0, m0, m1,
+                                  out.mutable_data_ptr<scalar_t>(), s.mutable_data_ptr<float>(), buffers.data(),
+                                  buffers.data() + kBlockRows * panel_stride(K));
     });
   });
-  return s;
+  return {out, s};
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& b, const at::Tensor& s,
@@ -530,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at:
 }
 
 at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
-                         const std::optional<at::Tensor>& dx, int64_t seed, double p) {
+                         const std::optional<at::Tensor>& dx, int64_t seed, double p, bool accumulate) {
   constexpr const char* op = "lora_dx_pass_";
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(g, "g", "[M, r]", op);
@@ -555,9 +593,9 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
   if (x.is_meta()) return at::empty({r, K}, f32);
   if (M == 0 || K == 0 || r == 0) return at::zeros({r, K}, f32);
   if (x.scalar_type() == at::kHalf) {  // fp32 arithmetic, dx rounded once to half
-    if (!dx.has_value()) return lora_dx_pass_(x.to(at::kFloat), g, a, std::nullopt, seed, p);
-    auto dx_float = dx->to(at::kFloat);
-    auto da = lora_dx_pass_(x.to(at::kFloat), g, a, dx_float, seed, p);
+    if (!dx.has_value()) return lora_dx_pass_(x.to(at::kFloat), g, a, std::nullopt, seed, p, accumulate);
+    auto dx_float = accumulate ? dx->to(at::kFloat) : at::empty(dx->sizes(), f32);
+    auto da = lora_dx_pass_(x.to(at::kFloat), g, a, dx_float, seed, p, accumulate);
     dx->copy_(dx_float);
     return da;
   }
@@ -574,8 +612,8 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
     scalar_t* dx_ptr = with_dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
       Scratch panels((with_dx && p > 0.0 ? 2 : 1) * kBlockRows * panel_stride(K));
-      dx_chunk<scalar_t>(xs, K, g32.const_data_ptr<float>(), r, r_pad, a32.const_data_ptr<float>(), dx_ptr, mask,
-                         p > 0.0, m0, m1, da_acc.mutable_data_ptr<float>() + chunk * da_acc.stride(0),
+      dx_chunk<scalar_t>(xs, K, g32.const_data_ptr<float>(), r, r_pad, a32.const_data_ptr<float>(), dx_ptr,
+                         accumulate, mask, p > 0.0, m0, m1, da_acc.mutable_data_ptr<float>() + chunk * da_acc.stride(0),
                          panels.data(), panels.data() + kBlockRows * panel_stride(K));
     });
   });
@@ -585,16 +623,16 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
-  m.def("lora_shrink(Tensor x, Tensor a, int seed, float p) -> Tensor");
   m.def("lora_dy_pass(Tensor dy, Tensor b, Tensor s, float scaling) -> (Tensor, Tensor)");
-  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!)? dx, int seed, float p) -> Tensor");
+  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!)? dx, int seed, float p, bool accumulate=True) -> Tensor");
+  m.def("lora_lowrank_out(Tensor x, Tensor a, Tensor b, Tensor? bias, float scaling, int seed, float p) -> (Tensor, Tensor)");
   m.def("lora_grad_pass(Tensor x, Tensor dy, Tensor a, Tensor b, float scaling) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
-  m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_dy_pass", &lora_dy_pass);
   m.impl("lora_dx_pass_", &lora_dx_pass_);
+  m.impl("lora_lowrank_out", &lora_lowrank_out);
   m.impl("lora_grad_pass", &lora_grad_pass);
 }
 

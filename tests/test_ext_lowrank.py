@@ -39,15 +39,23 @@ def assert_fp32_sum(actual: torch.Tensor, exact: torch.Tensor, scale: torch.Tens
 
 
 @examples(60)
-@given(seed=seeds, m=rows, k=cols, r=ranks, p=probabilities, dtype=st.sampled_from(DTYPES),
-       layout=st.sampled_from(LAYOUTS), data_seed=st.integers(0, 2**31))
-def test_shrink_is_dropped_x_times_a_transposed(ext, seed, m, k, r, p, dtype, layout, data_seed):
+@given(seed=seeds, m=rows, k=cols, n=cols, r=ranks, p=probabilities, dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(LAYOUTS), with_bias=st.booleans(), scaling=st.floats(0.25, 4.0),
+       data_seed=st.integers(0, 2**31))
+def test_lowrank_out_is_bias_plus_scaled_lowrank_term_and_gives_the_shrink(ext, seed, m, k, n, r, p, dtype, layout,
+                                                                           with_bias, scaling, data_seed):
     x = make_2d(m, k, dtype, layout, data_seed)
-    a = make_2d(r, k, dtype, "contiguous", data_seed + 1)
-    s = ext.lora_shrink(x, a, seed, p)
-    assert s.is_contiguous()
+    a, b = make_2d(r, k, dtype, "contiguous", data_seed + 1), make_2d(n, r, dtype, "contiguous", data_seed + 2)
+    bias = make_2d(1, n, dtype, "contiguous", data_seed + 3)[0] if with_bias else None
+    out, s = ext.lora_lowrank_out(x, a, b, bias, scaling, seed, p)
+    assert s.is_contiguous() and s.dtype == torch.float32 and out.is_contiguous() and out.dtype == dtype
     xd = dropped(x, p, seed)
     assert_fp32_sum(s, xd @ a.double().t(), xd.abs() @ a.double().abs().t())
+    lowrank = scaling * (xd @ a.double().t()) @ b.double().t()
+    exact = lowrank + (0.0 if bias is None else bias.double())
+    scale = scaling * (xd.abs() @ a.double().abs().t()) @ b.double().abs().t() + exact.abs()
+    err = (out.double() - exact).abs()
+    assert (err <= 2 * FP32_SUM_RTOL * scale + ROUND_TO[dtype] * exact.abs() + 1e-30).all(), err.max()
 
 
 @examples(60)
@@ -66,16 +74,21 @@ def test_dy_pass_gives_g_and_db(ext, m, n, r, dtype, layout, scaling, data_seed)
 
 @examples(80)
 @given(seed=seeds, m=rows, k=cols, r=ranks, p=probabilities, dtype=st.sampled_from(DTYPES),
-       layout=st.sampled_from(LAYOUTS), with_dx=st.booleans(), data_seed=st.integers(0, 2**31))
-def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dtype, layout, with_dx, data_seed):
+       layout=st.sampled_from(LAYOUTS), with_dx=st.booleans(), accumulate=st.booleans(),
+       data_seed=st.integers(0, 2**31))
+def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dtype, layout, with_dx, accumulate,
+                                                      data_seed):
+    """accumulate=False writes the masked G A over dx, whose values are then never read."""
     x = make_2d(m, k, dtype, layout, data_seed)
     g = make_2d(m, r, torch.float32, "contiguous", data_seed + 1)
     a = make_2d(r, k, dtype, "contiguous", data_seed + 2)
     dx = make_2d(m, k, dtype, "contiguous", data_seed + 3) if with_dx else None
-    dx_before = None if dx is None else dx.clone()
+    dx_before = None if dx is None else (dx.clone() if accumulate else torch.zeros_like(dx))
     storage = None if dx is None else dx.data_ptr()
+    if dx is not None and not accumulate:
+        dx.fill_(float("nan"))
 
-    da = ext.lora_dx_pass_(x, g, a, dx, seed, p)
+    da = ext.lora_dx_pass_(x, g, a, dx, seed, p, accumulate=accumulate)
 
     xd = dropped(x, p, seed)
     assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
@@ -108,7 +121,7 @@ def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
     m, k, n, r, p, seed = 203, 2100, 1500, 24, 0.1, 77
     x, dy = make_2d(m, k, dtype, "contiguous", 1), make_2d(m, n, dtype, "row-padded", 2)
     a, b = make_2d(r, k, dtype, "contiguous", 3), make_2d(n, r, dtype, "contiguous", 4)
-    s = ext.lora_shrink(x, a, seed, p)
+    _, s = ext.lora_lowrank_out(x, a, b, None, 2.0, seed, p)
     xd = dropped(x, p, seed)
     assert_fp32_sum(s, xd @ a.double().t(), xd.abs() @ a.double().abs().t())
     g, db = ext.lora_dy_pass(dy, b, s, 2.0)
@@ -132,29 +145,33 @@ def test_results_are_deterministic_for_a_thread_count(ext, threads):
     try:
         runs = []
         for _ in range(2):
-            s = ext.lora_shrink(x, a, seed, p)
+            out, s = ext.lora_lowrank_out(x, a, b, None, 0.5, seed, p)
             g, db = ext.lora_dy_pass(dy, b, s, 0.5)
             dx = torch.zeros(m, k)
             da = ext.lora_dx_pass_(x, g, a, dx, seed, p)
-            runs.append((s, g, db, da, dx) + tuple(ext.lora_grad_pass(x, dy, a, b, 0.5)))
+            runs.append((out, s, g, db, da, dx) + tuple(ext.lora_grad_pass(x, dy, a, b, 0.5)))
     finally:
         torch.set_num_threads(before)
     for first, second in zip(*runs):
         assert torch.equal(first, second)
     xd = dropped(x, p, seed)
-    assert_fp32_sum(runs[0][3], runs[0][1].double().t() @ xd, runs[0][1].double().abs().t() @ xd.abs())
+    assert_fp32_sum(runs[0][4], runs[0][2].double().t() @ xd, runs[0][2].double().abs().t() @ xd.abs())
 
 
 def test_empty_and_meta_inputs(ext):
-    assert ext.lora_shrink(torch.empty(0, 5), torch.randn(3, 5), 1, 0.5).shape == (0, 3)
-    assert torch.equal(ext.lora_shrink(torch.empty(4, 0), torch.empty(3, 0), 1, 0.5), torch.zeros(4, 3))
+    out, s = ext.lora_lowrank_out(torch.empty(0, 5), torch.randn(3, 5), torch.randn(2, 3), None, 1.0, 1, 0.5)
+    assert out.shape == (0, 2) and s.shape == (0, 3)
+    out, s = ext.lora_lowrank_out(torch.empty(4, 0), torch.empty(3, 0), torch.randn(2, 3), torch.ones(2), 1.0, 1, 0.5)
+    assert torch.equal(s, torch.zeros(4, 3)) and torch.equal(out, torch.ones(4, 2))
     g, db = ext.lora_dy_pass(torch.empty(0, 6), torch.randn(6, 2), torch.empty(0, 2), 1.0)
     assert g.shape == (0, 2) and torch.equal(db, torch.zeros(6, 2))
     assert torch.equal(ext.lora_dx_pass_(torch.empty(0, 5), torch.empty(0, 2), torch.randn(2, 5), None, 1, 0.1),
                        torch.zeros(2, 5))
     x = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
-    s = ext.lora_shrink(x, torch.empty(3, 7, device="meta", dtype=torch.bfloat16), 3, 0.1)
+    out, s = ext.lora_lowrank_out(x, torch.empty(3, 7, device="meta", dtype=torch.bfloat16),
+                                  torch.empty(4, 3, device="meta", dtype=torch.bfloat16), None, 2.0, 3, 0.1)
     assert s.shape == (5, 3) and s.dtype == torch.float32 and s.device.type == "meta"
+    assert out.shape == (5, 4) and out.dtype == torch.bfloat16
     g, db = ext.lora_dy_pass(x, torch.empty(7, 3, device="meta"), s, 2.0)
     assert g.shape == (5, 3) and db.shape == (7, 3) and db.dtype == torch.float32
     da = ext.lora_dx_pass_(x, g, torch.empty(3, 7, device="meta"), torch.empty_like(x), 3, 0.1)
@@ -172,10 +189,12 @@ def test_ops_pass_torch_library_opcheck(ext, dtype, p):
     x, dy = make_2d(6, 5, dtype, "contiguous", 1), make_2d(6, 4, dtype, "transposed", 2)
     a, b = make_2d(3, 5, dtype, "contiguous", 3), make_2d(4, 3, dtype, "contiguous", 4)
     s, g = make_2d(6, 3, torch.float32, "contiguous", 5), make_2d(6, 3, torch.float32, "contiguous", 6)
-    torch.library.opcheck(torch.ops.fastpeft.lora_shrink.default, (x, a, 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, None, 2.0, 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, make_2d(1, 4, dtype, "contiguous", 7)[0], 2.0, 3, p))
     torch.library.opcheck(torch.ops.fastpeft.lora_dy_pass.default, (dy, b, s, 2.0))
     torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p))
     torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, None, 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p, False))
     torch.library.opcheck(torch.ops.fastpeft.lora_grad_pass.default, (x, dy, a, b, 2.0))
 
 
@@ -184,12 +203,17 @@ def _t(*shape, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda e: e.lora_shrink(_t(2, 3, 4), _t(2, 4), 0, 0.1), "lora_shrink: x must be 2-D"),
-    (lambda e: e.lora_shrink(_t(2, 3), _t(2, 4), 0, 0.1), "lora_shrink: a of shape .* must have K"),
-    (lambda e: e.lora_shrink(_t(2, 3, dtype=torch.float64), _t(2, 3), 0, 0.1), "x dtype must be float32"),
-    (lambda e: e.lora_shrink(_t(2, 3), _t(2, 3, dtype=torch.int32), 0, 0.1), "a dtype must be float32"),
-    (lambda e: e.lora_shrink(_t(2, 3), _t(2, 3), 0, 1.0), "p must satisfy 0 <= p < 1"),
-    (lambda e: e.lora_shrink(_t(2, 3), torch.empty(2, 3, device="meta"), 0, 0.1), "a device"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3, 4), _t(2, 4), _t(5, 2), None, 1.0, 0, 0.1), "lora_lowrank_out: x must be 2-D"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 4), _t(5, 2), None, 1.0, 0, 0.1), "a of shape .* must have K"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 3), None, 1.0, 0, 0.1), "b of shape .* must have r"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), _t(4), 1.0, 0, 0.1), "bias must have shape"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3, dtype=torch.float64), _t(2, 3), _t(5, 2), None, 1.0, 0, 0.1),
+     "x dtype must be float32"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3, dtype=torch.int32), _t(5, 2), None, 1.0, 0, 0.1),
+     "a dtype must be float32"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), None, 1.0, 0, 1.0), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), torch.empty(2, 3, device="meta"), _t(5, 2), None, 1.0, 0, 0.1),
+     "a device"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(2, 2), _t(4, 2), 1.0), "b of shape .* must have N"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(5, 2), 1.0), "s of shape .* must have M"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 3), 1.0), "s of shape .* must have r"),

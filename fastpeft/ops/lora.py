@@ -47,11 +47,13 @@ class LoraLinearTorch(torch.autograd.Function):
             shrink = None
             folded = _folded_weight(weight, lora_a, lora_b, scaling)
             out = x2d.mm(folded.t()) if bias is None else torch.addmm(bias, x2d, folded.t())
+        elif use_ext:
+            # bias + low-rank term written in one read of x (with the fp32 shrink), then the base GEMM accumulates
+            # into it: the output is written once more, never read back for an add.
+            out, shrink = _ext_module().lora_lowrank_out(x2d, lora_a, lora_b, bias, scaling, seed, dropout_p)
+            out.addmm_(x2d, weight.t())
         else:
-            if use_ext:  # fp32 [M, r] in one read of x, the mask applied on the fly
-                shrink = _ext_module().lora_shrink(x2d, lora_a, seed, dropout_p)
-            else:
-                shrink = dropout_ref(x2d, dropout_p, seed).mm(lora_a.t())
+            shrink = dropout_ref(x2d, dropout_p, seed).mm(lora_a.t())
             out = x2d.mm(weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
             out.addmm_(shrink.to(x2d.dtype), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, shrink)
@@ -70,12 +72,15 @@ class LoraLinearTorch(torch.autograd.Function):
             if need_da or need_db:
                 da, db = LoraLinearTorch._factor_grads(x2d, dy, lora_a, lora_b, scaling, use_ext)
         elif use_ext:
-            # One read of dy gives G = s dy B and dB; one read of x gives dA and adds the masked G A into dx.
+            # One read of dy gives G = s dy B and dB; one read of x gives dA and the masked G A.
             ext = _ext_module()
             grad_lowrank, db = ext.lora_dy_pass(dy, lora_b, shrink, scaling)  # fp32 [M, r], [N, r]
-            dx = dy.mm(weight) if need_dx else None
-            if need_da or need_dx:
-                da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, dx, seed, dropout_p)
+            if need_dx:  # the masked G A written first (with dA), then the GEMM accumulates dy W into it
+                dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
+                da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, dx, seed, dropout_p, accumulate=False)
+                dx.addmm_(dy, weight)
+            elif need_da:
+                da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, None, seed, dropout_p)
         else:
             grad_lowrank, db = dy.mm(lora_b).mul_(scaling), dy.t().mm(shrink).mul_(scaling)  # [M, r], [N, r]
             if need_dx and dropout_p == 0.0:
