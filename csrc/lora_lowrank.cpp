@@ -461,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor> lora_lowrank_out(const at::Tensor& x, const a
   check_dropout(p, M, op);
   auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto s = at::empty({M, r}, x.options().dtype(at::kFloat));
-  if (x.is_meta() || out.numel() == 0 && s.numel() == 0) return {out, s};
+  if (x.is_meta() || (out.numel() == 0 && s.numel() == 0)) return {out, s};
   if (x.scalar_type() == at::kHalf) {  // fp32 arithmetic, out rounded once to half
     auto [out32, s32] = lora_lowrank_out(x.to(at::kFloat), a, b, bias, scaling, seed, p);
     return {out32.to(at::kHalf), s32};
