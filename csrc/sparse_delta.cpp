@@ -20,7 +20,9 @@
 // (kDenseFraction), the op computes that and gathers.
 //
 // Measured alternatives (4096 x 768 x 768, density 0.005, fp32, 2 cores): register 8 x 8 transposes of whole
-// column groups instead of the gather (no faster; slower for sparse column use); a scalar accumulator per nonzero
+// column groups instead of the gather (no faster, measured again with the caches cold; slower for sparse column
+// use); all 32 rows of a block per column group, so that each column's slot is written whole (1.5-2x slower); the
+// next block prefetched during the multiply-adds (1.15x slower); a scalar accumulator per nonzero
 // (lane sums every block: 1.1x slower at density 0.005, 1.6x at 0.05); no prefetch (1.2x slower); prefetching the
 // buffer rows of upcoming nonzeros (no gain); fp16 through c10's scalar conversion (1.6x slower); chunks handed
 // out dynamically to the threads (no gain when the machine is busy, where one thread beats two anyway).
