@@ -255,6 +255,29 @@ def test_merge_unmerge_and_merge_and_unload():
     torch.testing.assert_close(outputs(model), trained)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_steps_after_the_last_forward_reach_state_dict_and_merge_and_unload(fused):
+    """The merged weight is scattered lazily (on the next forward): reading it any other way must not see a stale
+    weight after optimizer steps (a fused AdamW bumps no version counter)."""
+    model = projected(DiffPruningConfig(target_modules=["c_attn"], density=0.05))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+    for _ in range(2):
+        hidden(model, gpt2_batch()).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    expected = {path: layer.base_layer.weight.detach().clone().view(-1).index_copy_(
+        0, layer.indices.long(), (layer.base_values + layer.values.detach()).to(layer.base_layer.weight.dtype))
+        for path, layer in sparse_layers(model)}
+    state = model.state_dict()
+    for path in ATTN:
+        assert torch.equal(state[f"{path}.base_layer.weight"].view(-1), expected[path])
+    trained = outputs(model)
+    merge_and_unload(model)
+    for path in ATTN:
+        assert torch.equal(model.get_submodule(path).weight.view(-1), expected[path])
+    torch.testing.assert_close(outputs(model), trained, rtol=0, atol=0)
+
+
 def test_search_stage_cannot_merge_or_save_and_save_needs_the_adapter_name(tmp_path):
     model = searched(DiffPruningConfig(target_modules=["c_attn"]))
     before = snapshot(model)

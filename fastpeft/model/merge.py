@@ -45,7 +45,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     changed in place."""
     if diff_names(model):
         for path, layer in _diff_layers(model):
-            if not layer.merged:
+            if layer.merged:
+                layer.sync()  # values trained since the last forward
+            else:
                 layer.merge()
             model.set_submodule(path, layer.base_layer)
         forget_diff(model)

@@ -37,6 +37,10 @@ def _count_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_step)
 
 
+def _sync_before_state_dict(module, prefix, keep_vars) -> None:
+    module.sync()  # a state_dict holds the trained weight, not the one of the last forward
+
+
 class SparseDeltaLinear(nn.Module):
     """Wraps `base_layer` (its weight is shared, not copied, and frozen) with a fixed-mask sparse delta. `indices`:
     strictly increasing flat positions in the stored weight (Conv1D: [in, out]); `values`: the delta there
@@ -69,6 +73,7 @@ class SparseDeltaLinear(nn.Module):
         self.merged = False
         self._scattered = None  # the key of the values last scattered (see the comment at _optimizer_steps)
         self.merge()
+        self.register_state_dict_pre_hook(_sync_before_state_dict)
 
     @property
     def nnz(self) -> int:
@@ -93,6 +98,12 @@ class SparseDeltaLinear(nn.Module):
         scatter_delta_(self.base_layer.weight, self.base_values, self.values.detach(), self.indices)
         self._scattered = self._values_key()
 
+    def sync(self) -> None:
+        """Bring a merged base weight up to date with `values` (scattered lazily: forward and state_dict call this;
+        call it before reading the base weight any other way)."""
+        if self.merged and self._scattered != self._values_key():
+            self._scatter()
+
     def merge(self) -> None:
         """Write W0 + delta (summed in fp32, rounded once) into the base weight at the mask."""
         if self.merged:
@@ -114,8 +125,7 @@ class SparseDeltaLinear(nn.Module):
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if not self.merged:  # the weight is W0: the reference path adds the delta (correct, slower)
             return sparse_delta_linear_ref(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
-        if self._scattered != self._values_key():
-            self._scatter()
+        self.sync()
         return sparse_delta_linear(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
 
     def extra_repr(self) -> str:
