@@ -83,6 +83,8 @@ def test_unmatched_targets_list_module_names_and_change_nothing():
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"\['query', 'value'\] matches no module.*c_attn.*c_fc"):
         inject(model, LoraConfig(target_modules=["query", "value"]))
+    with pytest.raises(ValueError, match=r"entries \['c_atn'\] match no module.*c_attn"):  # a typo beside a match
+        inject(model, LoraConfig(target_modules=["c_atn", "c_fc"]))
     with pytest.raises(ValueError, match=r"cannot wrap.*h\.0\.attn \(GPT2Attention\)"):
         inject(model, LoraConfig(target_modules=["attn"]))
     assert_unchanged(model, before)

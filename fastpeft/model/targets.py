@@ -62,6 +62,11 @@ def match_linear(model: nn.Module, target_modules, modules_to_save=None, task_ty
     if not matched:
         raise ValueError(f"target_modules={_show(target_modules)} matches no module of "
                          f"{type(model).__name__}; its linear layers are named e.g. {_linear_names(modules)}")
+    if not isinstance(target_modules, str):  # a list: every entry must name something (a typo is not skipped)
+        unknown = [t for t in target_modules if not any(path == t or path.endswith("." + t) for path, _ in modules)]
+        if unknown:
+            raise ValueError(f"target_modules entries {unknown} match no module of {type(model).__name__}; its "
+                             f"linear layers are named e.g. {_linear_names(modules)}")
     unsupported = [f"{path} ({type(module).__name__})" for path, module in matched if not is_linear(module)]
     if unsupported:
         raise ValueError(f"target_modules={_show(target_modules)} selects modules {method} cannot wrap (it wraps "
