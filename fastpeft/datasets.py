@@ -32,7 +32,7 @@ class LabelledText:
 
 def _csv_rows(path: Path):
     """(line number, row dict) per data row, and the header's column names."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of a name
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         return [(reader.line_num, row) for row in reader], columns
@@ -40,7 +40,7 @@ def _csv_rows(path: Path):
 
 def _jsonl_rows(path: Path):
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for line_num, line in enumerate(f, 1):
             if not line.strip():
                 continue

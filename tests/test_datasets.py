@@ -27,6 +27,13 @@ def test_jsonl_and_csv_read_alike(tmp_path):
         assert data.labels == [1, 0]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    for name, text in (("d.csv", "text,label\nfine,good\n"), ("d.jsonl", '{"text": "fine", "label": "good"}\n')):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8-sig")  # as spreadsheet programs write it
+        assert load_labelled(path, "text", "label").texts == ["fine"]
+
+
 def test_blank_jsonl_lines_are_skipped_and_numeric_labels_become_names(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n', encoding="utf-8")

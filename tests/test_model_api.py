@@ -96,6 +96,11 @@ def test_bad_arguments():
         inject(model, {"target_modules": ["c_attn"]})
     with pytest.raises(ValueError, match="adapter_name"):
         inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name="a.b")
+    before = snapshot(model)
+    for name in ("training", "keys", "to"):  # attributes of the ModuleDict / ParameterDict that hold adapters
+        with pytest.raises(ValueError, match=f"adapter_name '{name}' is an attribute of torch's ModuleDict"):
+            inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name=name)
+    assert_unchanged(model, before)
     with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
         inject(model, LoraConfig(target_modules=["c_attn"], init_lora_weights="pissa"))
     inject(model, LoraConfig(target_modules=["c_attn"]))
