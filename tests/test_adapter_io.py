@@ -109,6 +109,14 @@ def test_load_into_existing_adapter_overwrites_its_weights(tmp_path):
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn: model r=4, alpha=32.*file r=4, alpha=8"):
         load_adapter(different, directory)
     assert_unchanged(different, before)
+    for change, message in (({"bias": "all"}, "bias: model 'all', file 'none'"),
+                            ({"lora_dropout": 0.1}, "lora_dropout: model 0.1, file 0.0"),
+                            ({"modules_to_save": ["ln_f"]}, r"modules_to_save: model \('ln_f',\), file None")):
+        different = inject(tiny_gpt2(), config.replace(**change))  # the file's bias "all" would overwrite frozen biases
+        before = snapshot(different)
+        with pytest.raises(ValueError, match=f"does not match existing adapter 'default'.*{message}"):
+            load_adapter(different, directory)
+        assert_unchanged(different, before)
 
 
 # --- errors leave the model unchanged -----------------------------------------------------------------------------

@@ -200,10 +200,15 @@ def _current_plan(model, name) -> tuple[list[Target], list[tuple[str, nn.Module]
 
 
 def _check_settings(model, config: LoraConfig, name: str, targets: list[Target]) -> None:
-    """Loading into an existing adapter: its per-layer r, alpha and rsLoRA must be the file's."""
+    """Loading into an existing adapter: its bias mode, dropout, modules_to_save and per-layer r, alpha and rsLoRA
+    must be the file's."""
     if any(layer.merged_adapter == name for layer in adapter_layers(model, name)):
         raise ValueError(f"adapter {name!r} is merged; unmerge(model) before loading weights into it")
-    wrong = []
+    current, wrong = adapter_config(model, name), []
+    for field in ("bias", "lora_dropout", "modules_to_save"):
+        have, want = getattr(current, field), getattr(config, field)
+        if (sorted(have or ()) != sorted(want or ())) if field == "modules_to_save" else have != want:
+            wrong.append(f"{field}: model {have!r}, file {want!r}")
     for t in targets:
         have = t.module.settings[name]
         r, alpha = config.rank_and_alpha(t.path)
