@@ -17,8 +17,9 @@ from fastpeft import demo
 from fastpeft.datasets import load_splits
 from fastpeft.model import AdapterConfig, DiffPruningConfig, LoraConfig
 from fastpeft.model.adapter_config import PLACEMENTS
+from fastpeft.model.config import SEQ_CLS_HEADS
 
-CLASSIFIER_HEADS = ["classifier", "score"]  # the head's name in HF *ForSequenceClassification models
+CLASSIFIER_HEADS = list(SEQ_CLS_HEADS)  # trained (new) and saved beside any method's adapter
 METHODS = ("lora", "adapter", "diff")
 
 

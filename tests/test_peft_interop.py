@@ -113,3 +113,26 @@ def assert_close_to_scale(actual, expected, what: str) -> None:
     biases get ~0 gradient). Rounding differences grow through the backward of six layers: up to ~2.5e-5 seen."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=0, atol=5e-5 * max(scale, 1.0), msg=what)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["ln_f"]])
+def test_seq_cls_trains_and_saves_the_classification_head_as_peft_does(tmp_path, modules_to_save):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    torch.manual_seed(0)
+    base = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, num_labels=3,
+                                                    pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
+    kwargs = dict(target_modules=["c_attn"], task_type="SEQ_CLS", modules_to_save=modules_to_save)
+    ours = inject(copy.deepcopy(base), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours_trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_trainable = {n.removeprefix("base_model.model.").replace(".default.weight", ".default")
+                        if "lora_" in n else n.removeprefix("base_model.model.")
+                        for n, p in theirs.named_parameters() if p.requires_grad}
+    assert "score.modules_to_save.default.weight" in ours_trainable and ours_trainable == theirs_trainable
+    randomize_adapter(ours, seed=1)
+    with torch.no_grad():
+        ours.score.modules_to_save["default"].weight.add_(1.0)
+    save_adapter(ours, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    batch = gpt2_batch()
+    torch.testing.assert_close(loaded(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 ALL_LINEAR = "all-linear"
 BIASES = ("none", "all", "lora_only")
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+SEQ_CLS_HEADS = ("classifier", "score")  # the head of transformers' *ForSequenceClassification models
 # PEFT's init_lora_weights values; fastpeft can initialise the first three itself, the others only load trained weights.
 INITS_SUPPORTED = (True, False, "gaussian")
 INITS_PEFT = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
@@ -72,6 +73,13 @@ class LoraConfig:
             _check_number(f"alpha_pattern[{key!r}]", value)
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+
+    def with_task_heads(self) -> "LoraConfig":
+        """As PEFT's SEQ_CLS model wrapper does: the (new, untrained) classification head joins modules_to_save."""
+        if self.task_type != "SEQ_CLS":
+            return self
+        have = tuple(self.modules_to_save or ())
+        return replace(self, modules_to_save=have + tuple(n for n in SEQ_CLS_HEADS if n not in have))
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """r and lora_alpha of one module: the first matching rank_pattern / alpha_pattern key, else r / lora_alpha."""

@@ -34,6 +34,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | DiffPruningCon
     refuse_lora(model)
     refuse_diff(model, "LoRA adapters")
     check_new_adapter(model, config, adapter_name)
+    config = config.with_task_heads()
     if config.init_lora_weights not in INITS_SUPPORTED:
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs PEFT's data-driven initialisation; "
                          f"fastpeft initialises {INITS_SUPPORTED} (adapters trained that way still load)")

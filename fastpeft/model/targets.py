@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fastpeft.model.config import ALL_LINEAR, LoraConfig
+from fastpeft.model.config import ALL_LINEAR, SEQ_CLS_HEADS, LoraConfig
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.modules.lora import LoraLinear, is_conv1d
 
-SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT leaves these out of "all-linear" for SEQ_CLS models
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def _is_target(targets, path: str) -> bool:
 def _all_linear(modules, model: nn.Module, task_type) -> set[str]:
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if head is None and task_type == "SEQ_CLS":
-        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)),
+        head = next((getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)),
                     None)
     return {path for path, module in modules
             if is_linear(module) and (head is None or head not in (module, getattr(module, "base_layer", None)))}
