@@ -30,6 +30,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
 def density(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
     train.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (scaling = alpha / r)")
     train.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
-    train.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (linear warm-up, then decay)")
+    train.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate (linear warm-up, then decay)")
     train.add_argument("--batch-size", type=positive_int, default=16, help="examples per training step")
     train.add_argument("--max-length", type=positive_int, default=128, help="tokens kept per text")
     train.add_argument("--seed", type=int, default=0, help="seed of the head, LoRA init, dropout, shuffling, split")
@@ -140,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                                       args.test_fraction, args.seed)
         except ValueError as e:  # DatasetError, or a --test-fraction outside (0, 1)
             parser.error(str(e))
-        failures = demo.run(cfg, train, test)
+        try:
+            failures = demo.run(cfg, train, test)
+        except demo.SetupError as e:  # e.g. --target-modules or --method that do not fit --model
+            parser.error(str(e))
     if failures:
         raise SystemExit(1)
     return 0

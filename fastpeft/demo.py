@@ -33,6 +33,10 @@ PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_
                "rank_pattern", "alpha_pattern")
 
 
+class SetupError(ValueError):
+    """The method's config does not fit the model (raised before any training or evaluation)."""
+
+
 @dataclass
 class RunConfig:
     model_dir: Path
@@ -94,10 +98,13 @@ def run(cfg: RunConfig, train: LabelledText, test: LabelledText, log=print) -> l
     log(f"{describe(lora)}, trained in full: {lora.modules_to_save}; "
         f"fastpeft backend: {backends.choose(torch.device(cfg.device))}")
 
-    acc_before, _ = training.evaluate(model, test_enc, device=cfg.device)
+    base = copy.deepcopy(model)  # untouched: the accuracy before fine-tuning, and copies for the PEFT comparison
+    try:
+        inject(model, lora)
+    except (TypeError, ValueError) as e:
+        raise SetupError(f"{describe(lora)} does not fit {cfg.model_dir}: {e}") from None
+    acc_before, _ = training.evaluate(base, test_enc, device=cfg.device)
     log(f"test accuracy before fine-tuning (untrained head): {acc_before:.1%}")
-    base = copy.deepcopy(model)  # untouched copies of it go to the fastpeft / PEFT comparison
-    inject(model, lora)
     trainable, total = trainable_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     if isinstance(lora, DiffPruningConfig):

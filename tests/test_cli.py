@@ -91,6 +91,14 @@ def test_bad_lora_settings(capsys, tiny_csv):
     assert "must be >= 1" in run_train(capsys, "--data", str(tiny_csv), "--r", "0")
 
 
+def test_settings_that_do_not_fit_the_model_are_usage_errors_before_any_work(capsys, tiny_csv, monkeypatch):
+    monkeypatch.setattr("fastpeft.training.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    err = run_train(capsys, "--data", str(tiny_csv), "--text-column", "review", "--label-column", "sentiment",
+                    "--test-fraction", "0.25", "--target-modules", "query,valu")
+    assert "does not fit" in err and "entries ['valu'] match no module of BertForSequenceClassification" in err
+    assert "--lr: must be a finite number > 0, got -1.0" in run_train(capsys, "--data", str(tiny_csv), "--lr", "-1")
+
+
 def test_bad_diff_settings(capsys, tiny_csv):
     for bad in ("0", "1.5", "nan"):
         assert "--density: must be in (0, 1]" in run_train(capsys, "--data", str(tiny_csv), "--method", "diff",
