@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_col_key, dropout_keep, dropout_row_key
+from .layout import int32_columns, unit_stride
 from .lora import INTERPRET, KernelSpec, _autotuned, _config, _dropout_args, _family, _precision
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "silu": 2}
@@ -135,9 +136,11 @@ _adapter_forward = _autotuned(_adapter_forward_kernel, CONFIGS, key=["M", "D", "
 
 def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, scaling: float, p: float, seed: int):
     """Returns (y `[M, d]` h.dtype, z fp32 `[M, m]`) for h `[M, d]`; `residual` None means h."""
+    h, w_down, w_up = int32_columns(h), int32_columns(w_down), int32_columns(w_up)
+    b_down, b_up = unit_stride(b_down), unit_stride(b_up)
     M, D = h.shape
     W = w_down.shape[0]
-    r = h if residual is None else residual
+    r = h if residual is None else int32_columns(residual)
     y = torch.empty((M, D), device=h.device, dtype=h.dtype)
     z = torch.empty((M, W), device=h.device, dtype=torch.float32)
     seed, threshold, keep_scale, dropout = _dropout_args(p, seed)
@@ -204,6 +207,7 @@ _adapter_backward_up = _autotuned(_adapter_backward_up_kernel, CONFIGS, key=["M"
 
 def adapter_backward_up(dy, w_up, z, activation: str, scaling: float):
     """One pass over dy `[M, d]`: returns fp32 (dz `[M, m]`, dW_up `[d, m]`, db_up `[d]`, db_down `[m]`)."""
+    dy, w_up = int32_columns(dy), int32_columns(w_up)
     M, D = dy.shape
     W = w_up.shape[1]
     dz = torch.empty((M, W), device=dy.device, dtype=torch.float32)
@@ -280,6 +284,7 @@ _adapter_backward_down = _autotuned(_adapter_backward_down_kernel, CONFIGS, key=
 
 def adapter_backward_down(dy, dz, w_down, h, p: float, seed: int, need_dh: bool, add_dy: bool):
     """One pass over h `[M, d]`: returns (dh `[M, d]` h.dtype or None, dW_down fp32 `[m, d]`)."""
+    dy, w_down, h = int32_columns(dy), int32_columns(w_down), int32_columns(h)
     M, D = h.shape
     W = w_down.shape[0]
     dh = torch.empty((M, D), device=h.device, dtype=h.dtype) if need_dh else None

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_hash_kernel, dropout_col_key, dropout_keep, dropout_row_key
+from .layout import int32_columns, unit_stride
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small config keeps runs fast, and tiles are upcast to fp32 right
 # after loading because the interpreter does arithmetic on the raw bits of bf16 values.
@@ -173,6 +174,7 @@ _lora_shrink = _autotuned(_lora_shrink_kernel, CONFIGS["shrink"], key=["M", "K",
 
 def lora_shrink(x: torch.Tensor, down: torch.Tensor, p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """fp32 `[M, r] = dropout_p(x) @ down.T` for x `[M, K]`, down `[r, K]` (any strides)."""
+    x, down = int32_columns(x), int32_columns(down)
     M, K = x.shape
     R = down.shape[0]
     out = torch.empty((M, R), device=x.device, dtype=torch.float32)
@@ -236,6 +238,7 @@ _lora_forward = _autotuned(_lora_forward_kernel, CONFIGS["gemm"], key=["M", "N",
 
 def lora_forward(x, w, bias, s_mat, b, scaling: float) -> torch.Tensor:
     """`y [M, N] = x @ w.T + bias + scaling * s_mat @ b.T` in x.dtype; s_mat fp32 `[M, r]`, b `[N, r]`."""
+    x, w, b, bias = int32_columns(x), int32_columns(w), int32_columns(b), unit_stride(bias)
     M, K = x.shape
     N = w.shape[0]
     R = b.shape[1]
@@ -272,7 +275,7 @@ def _lora_forward_small_kernel(
     m_in = offs_m < M
     n_in = offs_n < N
     r_in = offs_r < R
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + (offs_n % N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # w.T tile
     a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # a.T tile [BLOCK_K, R_PAD]
     if DROPOUT:
@@ -305,7 +308,7 @@ def _lora_forward_small_kernel(
     acc = tl.dot(s * scaling, bt, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
@@ -316,6 +319,7 @@ SMALL_M_MAX = 64  # largest M the single-launch decode kernel is meant for
 
 def lora_forward_small(x, w, bias, a, b, scaling: float, p: float = 0.0, seed: int = 0):
     """Decode path (M <= SMALL_M_MAX), one launch: returns (y [M, N] x.dtype, S fp32 [M, r])."""
+    x, w, a, b, bias = int32_columns(x), int32_columns(w), int32_columns(a), int32_columns(b), unit_stride(bias)
     M, K = x.shape
     N = w.shape[0]
     R = a.shape[0]
@@ -380,6 +384,7 @@ _lora_backward_shrink = _autotuned(_lora_backward_shrink_kernel, CONFIGS["backwa
 def lora_backward_shrink(dy, b, s_mat, scaling: float):
     """One pass over dy `[M, N]`: returns (G = s * dy @ b fp32 `[M, r]`, dB = s * dy.T @ S fp32 `[N, r]`).
     dB is summed with fp32 atomics across M blocks (not bit-reproducible run to run)."""
+    dy, b = int32_columns(dy), int32_columns(b)
     M, N = dy.shape
     R = b.shape[1]
     g = torch.empty((M, R), device=dy.device, dtype=torch.float32)
@@ -466,6 +471,7 @@ _lora_backward_dx = _autotuned(_lora_backward_dx_kernel, CONFIGS["gemm"], key=["
 def lora_backward_dx(dy, w, g, a, x, p: float, seed: int, need_dx: bool = True):
     """Returns (dx `[M, K]` x.dtype or None, dA fp32 `[r, K]`) for dy `[M, N]`, w `[N, K]`, G fp32 `[M, r]`,
     a `[r, K]`, x `[M, K]`. dA is summed with fp32 atomics across M blocks."""
+    dy, w, a, x = int32_columns(dy), int32_columns(w), int32_columns(a), int32_columns(x)
     M, K = x.shape
     N = dy.shape[1]
     R = a.shape[0]

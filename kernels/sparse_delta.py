@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import unit_stride
 from .lora import INTERPRET, KernelSpec, _autotuned, _config, _family
 
 # [BLOCK_M, BLOCK_NNZ] tiles of 8K elements (a 64-register fp32 accumulator per thread on 4 warps). bf16 / fp16
@@ -93,6 +94,7 @@ def _splits(a: torch.Tensor, nnz_blocks: int) -> int:
 def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """fp32 `[nnz]`: `(a^T b).flatten()[indices]` for a `[M, R]`, b `[M, C]` (any strides), indices sorted flat
     int32 / int64 positions in `[R, C]`."""
+    indices = unit_stride(indices)  # a and bt are indexed in int64 (positions are)
     M = a.shape[0]
     C = b.shape[1]
     nnz = indices.numel()
@@ -147,6 +149,7 @@ def scatter_delta_(weight: torch.Tensor, base_values: torch.Tensor, values: torc
     nnz = indices.numel()
     if nnz == 0:
         return weight
+    base_values, values, indices = unit_stride(base_values), unit_stride(values), unit_stride(indices)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK"]),)
     _scatter[_family(weight.dtype)][grid](weight, base_values, values, indices, weight.shape[1], nnz,
                                           weight.stride(0), weight.stride(1))

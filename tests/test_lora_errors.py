@@ -25,6 +25,10 @@ def args(**override):
     (dict(lora_b=torch.randn(5, 2, device="meta")), ValueError, r"lora_b is on meta but x is on cpu"),
     (dict(x=[[1.0] * 8]), TypeError, r"x must be a torch.Tensor, got list"),
     (dict(scaling=float("inf")), ValueError, r"scaling must be a finite number, got inf"),
+    (dict(x=torch.randn(3, 0), weight=torch.randn(5, 0), lora_a=torch.randn(2, 0)), ValueError,
+     r"weight must have in_features >= 1, got weight of shape \(5, 0\)"),
+    (dict(backend="triton", lora_a=torch.randn(65, 8), lora_b=torch.randn(5, 65)), ValueError,
+     r"the triton backend supports LoRA ranks up to 64, got 65"),
 ])
 def test_bad_tensors_are_named(override, error, message):
     with pytest.raises(error, match=message):

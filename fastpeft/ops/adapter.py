@@ -155,6 +155,8 @@ def _validate(h, w_down, b_down, w_up, b_up, activation, scaling, residual, drop
         raise ValueError("h must have at least one dimension (its last is the hidden size d)")
     checks.check_tensor("w_down", w_down, dim=2)
     width, hidden = w_down.shape
+    if hidden < 1:
+        raise ValueError(f"w_down must have in_features (the hidden size d) >= 1, got shape {tuple(w_down.shape)}")
     if h.shape[-1] != hidden:
         raise ValueError(f"h's last dimension must equal w_down's in_features {hidden}, got h of shape {tuple(h.shape)}")
     if width < 1:

@@ -12,6 +12,9 @@ from fastpeft.ops.dropout import dropout_ref, new_seed
 
 # Decode-sized inputs take the one-launch Triton forward up to this many rows.
 SMALL_M = 64
+# Largest rank the Triton kernels take (the rank-64 builds are the ones compiled ahead of time for sm_80 / sm_90;
+# fp32 at 256 needs more shared memory than an A100 has); higher ranks run on the torch backend.
+TRITON_MAX_RANK = 64
 
 
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=0):
@@ -149,6 +152,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
         raise ValueError("x must have at least one dimension (its last is in_features)")
     checks.check_tensor("weight", weight, dim=2)
     out_features, in_features = weight.shape
+    if in_features < 1:
+        raise ValueError(f"weight must have in_features >= 1, got weight of shape {tuple(weight.shape)}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must equal weight's in_features {in_features}, got x of shape {tuple(x.shape)}")
     checks.check_tensor("lora_a", lora_a, dim=2)
@@ -176,6 +181,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     if seed is None:
         seed = new_seed() if dropout_p > 0.0 else 0
     name = backends.choose(x.device, backend)
+    rank = lora_a.shape[0]
+    if name == "triton" and rank > TRITON_MAX_RANK:
+        if backends.requested(backend) == "triton":
+            raise ValueError(f"the triton backend supports LoRA ranks up to {TRITON_MAX_RANK}, got {rank}")
+        name = "torch"
     if name == "reference":
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
     x2d = x.reshape(-1, x.shape[-1])

@@ -192,6 +192,8 @@ def sparse_delta_linear(x, weight, bias, values, indices, fan_in_fan_out=False, 
     checks.check_tensor("x", x)
     _check_delta(weight, values, indices)
     in_features, out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
+    if in_features < 1:
+        raise ValueError(f"the weight must have in_features >= 1, got weight of shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must equal the weight's in_features {in_features}, got x of shape "
                          f"{tuple(x.shape)}")
