@@ -224,3 +224,20 @@ def test_loaded_adapter_sits_beside_existing_ones(tmp_path):
     assert torch.equal(hidden(model, gpt2_batch()), hidden(model_b, gpt2_batch()))
     set_adapter(model, "a")
     assert torch.equal(hidden(model, gpt2_batch()), hidden(model_a, gpt2_batch()))
+
+
+def test_bias_all_beside_another_adapter_saves_biases_as_a_single_adapter_model_has_them(tmp_path):
+    """Adapter 'a' wraps c_fc; 'b' (bias="all") wraps c_attn: b's file names c_fc's bias `c_fc.bias`, as PEFT's
+    model with b alone has it, and loads into a fresh model and into one where 'a' wraps c_fc again."""
+    model = inject(tiny_gpt2(), LoraConfig(target_modules=["c_fc"]), adapter_name="a")
+    inject(model, LoraConfig(target_modules=["c_attn"], bias="all"), adapter_name="b")
+    randomize_adapter(model, "b", seed=2)
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.base_layer.bias.add_(1.0)
+    save_adapter(model, tmp_path, adapter_name="b")
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.h.0.mlp.c_fc.bias" in keys and not any("c_fc.base_layer" in k for k in keys)
+    expected = hidden(model, gpt2_batch())
+    for target in (tiny_gpt2(), inject(tiny_gpt2(), LoraConfig(target_modules=["c_fc"]), adapter_name="a")):
+        load_adapter(target, tmp_path, adapter_name="b")
+        torch.testing.assert_close(hidden(target, gpt2_batch()), expected, rtol=0, atol=0)

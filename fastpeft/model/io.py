@@ -168,21 +168,32 @@ def adapter_entries(model: nn.Module, config: LoraConfig, name: str, targets: li
         for key, value in copy.state_dict().items():
             entries[f"{PREFIX}{path}.{key}"] = Entry(f"{path}.modules_to_save.{name}.{key}", tuple(value.shape),
                                                      value.dtype)
-    for key, value in _biases(model, config, targets, saved).items():
-        entries[PREFIX + key] = Entry(key, tuple(value.shape), value.dtype)
+    for key, (model_key, value) in _biases(model, config, targets, saved).items():
+        entries[PREFIX + key] = Entry(model_key, tuple(value.shape), value.dtype)
     return entries
 
 
-def _biases(model, config, targets, saved) -> dict[str, torch.Tensor]:
-    """Biases `config.bias` saves, keyed as they are once the adapter is in (PEFT: `<path>.base_layer.bias`)."""
+def _biases(model, config, targets, saved) -> dict[str, tuple[str, torch.Tensor]]:
+    """File key -> (state_dict key once the adapter is in, bias) for the biases `config.bias` saves. The file names
+    them as PEFT's model holding only this adapter does: `<path>.base_layer.bias` in this adapter's layers,
+    `<path>.bias` elsewhere, also in layers that only other adapters wrap."""
     if config.bias == "lora_only":
-        return {f"{t.path}.base_layer.bias": t.base_layer.bias for t in targets if t.base_layer.bias is not None}
+        return {f"{t.path}.base_layer.bias": (f"{t.path}.base_layer.bias", t.base_layer.bias) for t in targets
+                if t.base_layer.bias is not None}
     if config.bias == "none":
         return {}
-    unwrapped = {f"{t.path}.bias": f"{t.path}.base_layer.bias" for t in targets if not isinstance(t.module, LoraLinear)}
+    wrapped_now = {f"{t.path}.bias": f"{t.path}.base_layer.bias" for t in targets
+                   if not isinstance(t.module, LoraLinear)}
+    targeted = {t.path for t in targets}
+    unwrapped_in_file = {f"{path}.base_layer.bias": f"{path}.bias" for path, _ in lora_layers(model)
+                         if path not in targeted}
     inside = tuple(path + "." for path, _ in saved + saved_wrappers(model))
-    return {unwrapped.get(key, key): value for key, value in model.state_dict().items()
-            if (key == "bias" or key.endswith(".bias")) and not key.startswith(inside)}
+    biases = {}
+    for key, value in model.state_dict().items():
+        if (key == "bias" or key.endswith(".bias")) and not key.startswith(inside):
+            model_key = wrapped_now.get(key, key)
+            biases[unwrapped_in_file.get(key, model_key)] = (model_key, value)
+    return biases
 
 
 def _without_wrapper_biases(tensors: dict, saved) -> dict:
