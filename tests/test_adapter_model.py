@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fastpeft import demo
 from fastpeft.cli import main
 from fastpeft.demo import packaged_model_dir
-from fastpeft.model import (AdapterConfig, LoraConfig, inject, load_adapter, merge, merge_and_unload, save_adapter,
-                            trainable_parameters)
+from fastpeft.model import (AdapterConfig, LoraConfig, delete_adapter, disable_adapters, inject, load_adapter, merge,
+                            merge_and_unload, save_adapter, set_adapter, trainable_parameters)
 from fastpeft.model.adapter_inject import BertParallelOutput, adapter_wrappers, bottleneck_names
 from fastpeft.modules.adapter import NEAR_IDENTITY_STD, BottleneckAdapter, ParallelAdapter, SerialAdapter
 from tests.model_cases import assert_unchanged, hidden, minilm, minilm_batch, snapshot, tiny_gpt2
@@ -189,6 +189,11 @@ def test_merge_is_refused_and_methods_do_not_mix():
         inject(model, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has bottleneck adapter 'default'"):
         inject(model, AdapterConfig(bottleneck=4), adapter_name="other")
+    for name, call in (("set_adapter", lambda: set_adapter(model, "default")),
+                       ("delete_adapter", lambda: delete_adapter(model, "default")),
+                       ("disable_adapters", lambda: disable_adapters(model).__enter__())):
+        with pytest.raises(ValueError, match=rf"{name} manages LoRA adapters; .* holds bottleneck adapters"):
+            call()
     assert_unchanged(model, before)
     lora = inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already holds fastpeft LoRA adapters"):

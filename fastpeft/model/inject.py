@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from fastpeft.model.adapter_config import AdapterConfig
-from fastpeft.model.adapter_inject import inject_adapters, refuse_lora
+from fastpeft.model.adapter_inject import bottleneck_names, inject_adapters, refuse_lora
 from fastpeft.model.config import INITS_SUPPORTED, LoraConfig
 from fastpeft.model.diff_config import DiffPruningConfig
-from fastpeft.model.diff_inject import inject_diff, refuse_diff
+from fastpeft.model.diff_inject import diff_names, inject_diff, refuse_diff
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
 from fastpeft.model.validate import check_inject_args
@@ -94,9 +94,19 @@ def saved_wrappers(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(path, m) for path, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
 
+def _lora_only(model: nn.Module, what: str) -> None:
+    """An error naming the method where `model` holds bottleneck or diff pruning adapters, which `what` (a LoRA
+    management function) does not handle."""
+    for names, method in ((bottleneck_names(model), "bottleneck adapters"), (diff_names(model), "diff pruning")):
+        if names:
+            raise ValueError(f"{what} manages LoRA adapters; {type(model).__name__} holds {method} {names} "
+                             "(build a fresh model to drop them)")
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make `adapter_name` the one that runs and trains; layers without it run their base layer. Recomputes
     requires_grad model-wide: only this adapter's LoRA weights, modules_to_save copies and `bias` biases train."""
+    _lora_only(model, "set_adapter")
     config = adapter_config(model, adapter_name)
     merged = sorted({m.merged_adapter for _, m in lora_layers(model) if m.merged and m.merged_adapter != adapter_name})
     if merged:
@@ -125,6 +135,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model only (LoRA off, original modules_to_save) inside the `with` block."""
+    _lora_only(model, "disable_adapters")
     if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no fastpeft adapters to disable")
     switches = [m for _, m in lora_layers(model)] + [m for _, m in saved_wrappers(model)]
@@ -141,6 +152,7 @@ def disable_adapters(model: nn.Module):
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove the adapter; layers left with none go back to their plain base layer. Another one, if any, becomes
     active when the deleted one was."""
+    _lora_only(model, "delete_adapter")
     adapter_config(model, adapter_name)
     if any(m.merged_adapter == adapter_name for _, m in lora_layers(model)):
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge(model) before deleting it")
