@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
     train.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (scaling = alpha / r)")
     train.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
-    train.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate (linear warm-up, then decay)")
+    train.add_argument("--lr", type=positive_float, default=2e-3,
+                       help="peak AdamW learning rate (linear warm-up, then decay)")
     train.add_argument("--batch-size", type=positive_int, default=16, help="examples per training step")
     train.add_argument("--max-length", type=positive_int, default=128, help="tokens kept per text")
     train.add_argument("--seed", type=int, default=0, help="seed of the head, LoRA init, dropout, shuffling, split")

@@ -11,7 +11,6 @@ from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.modules.lora import LoraLinear, is_conv1d
 
 
-
 @dataclass(frozen=True)
 class Target:
     """A layer to get the adapter: an nn.Linear / Conv1D, or a LoraLinear that gets one more adapter."""
