@@ -8,9 +8,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from fastpeft.model import (LoraConfig, ModulesToSave, active_adapter, adapter_names, delete_adapter,
-                            disable_adapters, inject, merge, merge_and_unload, print_trainable_parameters,
-                            set_adapter, trainable_parameters, unmerge)
+from fastpeft.model import (AdapterConfig, DiffPruningConfig, LoraConfig, ModulesToSave, active_adapter,
+                            adapter_names, delete_adapter, disable_adapters, inject, merge, merge_and_unload,
+                            print_trainable_parameters, set_adapter, trainable_parameters, unmerge)
 from fastpeft.model.inject import lora_layers
 from fastpeft.modules.lora import LoraLinear
 from tests.model_cases import (assert_unchanged, gpt2_batch, hidden, minilm, minilm_batch, randomize_adapter,
@@ -142,6 +142,22 @@ def test_fresh_adapter_is_the_identity_until_trained():
     model = inject(base, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights="gaussian"))
     assert len(lora_layers(model)) == 12
     torch.testing.assert_close(hidden(model, minilm_batch()), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, lora_dropout=0.5, target_modules=["query"], modules_to_save=["pooler.dense"]),
+    AdapterConfig(placement="houlsby", bottleneck=8, dropout=0.5),
+    DiffPruningConfig(target_modules=["query"]),
+], ids=["lora", "adapter", "diff"])
+@pytest.mark.parametrize("training", [False, True])
+def test_wrappers_take_over_the_models_train_or_eval_mode(config, training):
+    """A fresh wrapper is in training mode: put into an eval model as it was, it ran dropout at inference."""
+    model = inject(minilm().train(training), config)
+    assert {m.training for m in model.modules()} == {training}
+    if isinstance(config, LoraConfig):
+        randomize_adapter(model)  # B = 0 would hide dropout
+    if not training:
+        torch.testing.assert_close(hidden(model, minilm_batch()), hidden(model, minilm_batch()), rtol=0, atol=0)
 
 
 # --- several adapters -----------------------------------------------------------------------------------------------

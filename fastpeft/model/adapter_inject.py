@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastpeft.model.adapter_config import AdapterConfig
+from fastpeft.model.replace import put_in
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import find_saved_modules
 from fastpeft.model.validate import check_inject_args
@@ -164,7 +165,7 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
 def apply(model: nn.Module, config: AdapterConfig, adapter_name: str, planned: Plan) -> nn.Module:
     """Put the planned modules in, train only the adapters and the modules_to_save copies, record the config."""
     for path, module in {**planned.wrappers, **planned.saved}.items():
-        model.set_submodule(path, module)
+        put_in(model, path, module)
     for p in model.parameters():
         p.requires_grad_(False)
     for wrapper in planned.wrappers.values():

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastpeft.model.adapter_inject import bottleneck_names
 from fastpeft.model.diff_config import DiffPruningConfig
+from fastpeft.model.replace import put_in
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import find_saved_modules, match_linear
 from fastpeft.model.validate import check_inject_args
@@ -105,11 +106,11 @@ def apply(model: nn.Module, config: DiffPruningConfig, adapter_name: str, layers
     """Put the built `layers` (path -> DiffSearchLinear / SparseDeltaLinear) and modules_to_save copies in, train
     only them, and record the config."""
     for path, layer in layers.items():
-        model.set_submodule(path, layer)
+        put_in(model, path, layer)
     for path, module in saved:
         wrapper = ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
-        model.set_submodule(path, wrapper)
+        put_in(model, path, wrapper)
     setattr(model, REGISTRY, {adapter_name: config})
     train_only_the_adapter(model)
     return model
@@ -196,7 +197,7 @@ def project_to_density(model: nn.Module, density: float | None = None, scope: st
     built = build_layers([(path, layer.base_layer) for path, layer in layers], lambda path, base: SparseDeltaLinear(
         base, keep[path].to(index_dtype(base.weight.numel())), gated[path][keep[path]]))
     for path, layer in built.items():
-        model.set_submodule(path, layer)
+        put_in(model, path, layer)
     getattr(model, REGISTRY)[name] = new_config
     train_only_the_adapter(model)
     return model

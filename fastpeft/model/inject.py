@@ -11,6 +11,7 @@ from fastpeft.model.adapter_inject import bottleneck_names, inject_adapters, ref
 from fastpeft.model.config import INITS_SUPPORTED, LoraConfig
 from fastpeft.model.diff_config import DiffPruningConfig
 from fastpeft.model.diff_inject import diff_names, inject_diff, refuse_diff
+from fastpeft.model.replace import put_in
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
 from fastpeft.model.validate import check_inject_args
@@ -54,12 +55,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, targets: list[T
         if isinstance(t.module, LoraLinear):
             t.module.add_adapter(name, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora, init)
         else:
-            model.set_submodule(t.path, LoraLinear(t.module, t.r, t.lora_alpha, config.lora_dropout,
-                                                   config.use_rslora, init, name))
+            put_in(model, t.path, LoraLinear(t.module, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
+                                             init, name))
     for path, module in saved:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(name)
-        model.set_submodule(path, wrapper)
+        put_in(model, path, wrapper)
     if not hasattr(model, CONFIGS):
         setattr(model, CONFIGS, {})
     getattr(model, CONFIGS)[name] = config
