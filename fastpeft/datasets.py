@@ -5,6 +5,7 @@ names. Every problem with a file is a `DatasetError` that names the file (and li
 """
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,21 @@ def _jsonl_rows(path: Path):
     return rows, list(rows[0][1]) if rows else []
 
 
+def _label_name(value, path: Path, line_num: int, column: str) -> str:
+    """A label cell as a name: strings stripped, integral numbers as integers (1 and 1.0 are one class)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        value = value.strip()
+    elif isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        value = str(value)
+    elif value is not None:
+        raise DatasetError(f"{path}: line {line_num}: {column!r} must be a string, number or boolean, got {value!r}")
+    if not value:
+        raise DatasetError(f"{path}: line {line_num}: empty label in column {column!r}")
+    return value
+
+
 def read_rows(path, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str]]:
     """(texts, label names) from a .csv (with a header) or .jsonl (one object a line) file."""
     path = Path(path)
@@ -67,22 +83,27 @@ def read_rows(path, text_column: str = "text", label_column: str = "label") -> t
     texts, labels = [], []
     for line_num, row in rows:
         for column in (text_column, label_column):
-            if row.get(column) is None:
+            if column not in row or (row[column] is None and path.suffix == ".csv"):  # csv: a short row
                 where = f"line {line_num} has no" if column in columns else "no"
                 raise DatasetError(f"{path}: {where} column {column!r}; the columns are {columns}")
         text = row[text_column]
         if not isinstance(text, str):
             raise DatasetError(f"{path}: line {line_num}: {text_column!r} must be a string, got {text!r}")
         texts.append(text)
-        labels.append(str(row[label_column]))
+        labels.append(_label_name(row[label_column], path, line_num, label_column))
     return texts, labels
 
 
 def load_labelled(path, text_column: str = "text", label_column: str = "label",
                   label_names: list[str] | None = None) -> LabelledText:
-    """Read a file; label ids come from `label_names` (e.g. the training split's) or from this file's sorted names."""
+    """Read a file; label ids come from `label_names` (e.g. the training split's) or from this file's sorted names,
+    of which there must be at least two (one label would make transformers train a regression head)."""
     texts, names = read_rows(path, text_column, label_column)
-    label_names = label_names if label_names is not None else sorted(set(names))
+    if label_names is None:
+        label_names = sorted(set(names))
+        if len(label_names) < 2:
+            raise DatasetError(f"{path}: column {label_column!r} holds one label, {label_names[0]!r}; "
+                               "classification needs at least two")
     ids = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(names) - set(ids))
     if unknown:
@@ -92,17 +113,22 @@ def load_labelled(path, text_column: str = "text", label_column: str = "label",
 
 
 def split(data: LabelledText, test_fraction: float, seed: int = 0) -> tuple[LabelledText, LabelledText]:
-    """Stratified train/test split; every label keeps at least one training example."""
+    """Stratified train/test split: `test_fraction` of all examples (rounded half up) go to the test set, shared
+    out over the labels in proportion by largest remainder; every label keeps at least one training example."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = random.Random(seed)
-    train, test = [], []
-    for label in range(len(data.label_names)):
-        members = [i for i, y in enumerate(data.labels) if y == label]
+    groups = [[i for i, y in enumerate(data.labels) if y == label] for label in range(len(data.label_names))]
+    for members in groups:
         rng.shuffle(members)
-        n_test = min(round(test_fraction * len(members)), len(members) - 1)
-        test += members[:n_test]
-        train += members[n_test:]
+    quotas = [test_fraction * len(members) for members in groups]
+    counts = [min(int(q), max(len(members) - 1, 0)) for q, members in zip(quotas, groups)]
+    left = int(test_fraction * len(data) + 0.5) - sum(counts)
+    for k in sorted(range(len(groups)), key=lambda k: quotas[k] - int(quotas[k]), reverse=True):
+        if left > 0 and counts[k] < len(groups[k]) - 1:
+            counts[k], left = counts[k] + 1, left - 1
+    test = [i for members, n in zip(groups, counts) for i in members[:n]]
+    train = [i for members, n in zip(groups, counts) for i in members[n:]]
     if not test:
         raise DatasetError(f"too few examples ({len(data)}) to split off a test set; pass a separate test file")
     return data.subset(sorted(train)), data.subset(sorted(test))

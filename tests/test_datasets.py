@@ -31,7 +31,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     for name, text in (("d.csv", "text,label\nfine,good\n"), ("d.jsonl", '{"text": "fine", "label": "good"}\n')):
         path = tmp_path / name
         path.write_text(text, encoding="utf-8-sig")  # as spreadsheet programs write it
-        assert load_labelled(path, "text", "label").texts == ["fine"]
+        assert read_rows(path, "text", "label") == (["fine"], ["good"])
 
 
 def test_blank_jsonl_lines_are_skipped_and_numeric_labels_become_names(tmp_path):
@@ -116,16 +116,53 @@ def test_split_is_stratified_and_keeps_every_label_in_train(tmp_path):
     data = load_labelled(write_jsonl(tmp_path / "d.jsonl", rows))
     train, test = split(data, 0.25, seed=1)
     assert sorted(train.texts + test.texts) == sorted(data.texts)
-    assert test.labels.count(0) == 5 and test.labels.count(1) == 0  # round(0.25 * 2) = 0 of the 2 "b" rows
+    # 0.25 * 22 = 5.5 -> 6 test rows: 5 of the 20 "a", and the largest remainder (0.5) gives one of the 2 "b"
+    assert test.labels.count(0) == 5 and test.labels.count(1) == 1
     assert set(train.labels) == {0, 1}
     with pytest.raises(ValueError, match="test_fraction"):
         split(data, 1.0)
 
 
+@pytest.mark.parametrize("fraction, expected", [(0.1, 1), (0.2, 2), (0.5, 5), (0.75, 8)])
+def test_split_rounds_the_whole_test_set_not_each_label(tmp_path, fraction, expected):
+    rows = [{"text": f"t{i}", "label": "xy"[i % 2]} for i in range(10)]
+    train, test = split(load_labelled(write_jsonl(tmp_path / "d.jsonl", rows)), fraction)
+    assert len(test) == expected and len(train) == 10 - expected  # 0.75: 8, each label keeps one of its 5
+    assert abs(test.labels.count(0) - test.labels.count(1)) <= 1
+
+
 def test_split_of_too_little_data(tmp_path):
-    data = load_labelled(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}]))
+    data = load_labelled(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]))
     with pytest.raises(DatasetError, match="too few examples"):
         split(data, 0.2)
+
+
+def test_labels_are_normalised_names(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 1.0},
+                                             {"text": "c", "label": " 2 "}, {"text": "d", "label": True}])
+    data = load_labelled(path)
+    assert data.label_names == ["1", "2", "True"] and data.labels == [0, 0, 1, 2]
+    data = load_labelled(write_csv(tmp_path / "d.csv", "text,label\na, pos\nb,pos \nc,neg\n"))
+    assert data.label_names == ["neg", "pos"] and data.labels == [1, 1, 0]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.csv", "text,label\na,x\nb,\n", "line 3: empty label in column 'label'"),
+    ("d.csv", "text,label\na,x\nb,  \n", "line 3: empty label"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', "line 2: empty label"),
+    ("d.jsonl", '{"text": "a", "label": [1]}\n', "line 1: 'label' must be a string, number or boolean, got \\[1\\]"),
+    ("d.jsonl", '{"text": "a", "label": NaN}\n', "line 1: 'label' must be a string, number or boolean, got nan"),
+])
+def test_bad_labels_are_named_with_their_line(tmp_path, name, content, message):
+    with pytest.raises(DatasetError, match=message):
+        read_rows(write_csv(tmp_path / name, content))
+
+
+def test_one_label_is_not_a_classification_task(tmp_path):
+    """transformers would train a one-logit regression head, whose accuracy is always 100%."""
+    path = write_csv(tmp_path / "d.csv", "text,label\na,spam\nb,spam\n")
+    with pytest.raises(DatasetError, match="d.csv: column 'label' holds one label, 'spam'; .* at least two"):
+        load_splits(path)
 
 
 def test_demo_dataset_is_balanced_and_disjoint():
