@@ -123,9 +123,22 @@ def test_named_adapters_switch_and_delete():
 
 
 def test_extra_repr_shows_the_settings():
-    text = repr(LoraLinear.from_linear(nn.Linear(4, 4), r=2, lora_alpha=4, lora_dropout=0.1))
-    for part in ("r=2", "alpha=4", "dropout=0.1", "merged=False", "backend="):
-        assert part in text
+    layer = LoraLinear.from_linear(nn.Linear(4, 4), r=2, lora_alpha=4, lora_dropout=0.1)
+    for part in ("adapter='default'", "r=2", "alpha=4", "dropout=0.1", "merged=False", "backend="):
+        assert part in repr(layer)
+    layer.add_adapter("other", r=3)
+    layer.set_adapter("default")
+    layer.merge("other")  # the merged adapter is named, also when it is not the active one
+    assert "adapter='default'" in repr(layer) and "merged='other'" in repr(layer)
+
+
+def test_weight_and_bias_read_through_to_the_base_layer_as_in_peft():
+    """transformers reads e.g. `model.get_output_embeddings().weight`."""
+    linear, conv = nn.Linear(4, 3), Conv1D(3, 4)
+    for base in (linear, conv, nn.Linear(4, 3, bias=False)):
+        layer = LoraLinear.from_linear(base, r=2)
+        assert layer.weight is base.weight and layer.bias is base.bias
+        assert "weight" not in dict(layer.named_parameters())  # not a second parameter
 
 
 def test_dropout_is_active_in_train_mode_only():

@@ -125,6 +125,15 @@ class LoraLinear(nn.Module):
 
     # --- weights --------------------------------------------------------------------------------------------
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, read-only, as PEFT's layers expose it (transformers reads `lm_head.weight`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
     def base_weight(self) -> torch.Tensor:
         """The base weight as stored (Conv1D: [in, out])."""
         return self.base_layer.weight
@@ -186,4 +195,5 @@ class LoraLinear(nn.Module):
             return f"in={self.in_features}, out={self.out_features}, adapters=none"
         s = self.settings[name]
         return (f"in={self.in_features}, out={self.out_features}, adapter={name!r}, r={s.r}, alpha={s.lora_alpha:g}, "
-                f"dropout={s.lora_dropout:g}, rslora={s.use_rslora}, merged={self.merged}, backend={backends.requested()}")
+                f"dropout={s.lora_dropout:g}, rslora={s.use_rslora}, merged={self.merged_adapter or False!r}, "
+                f"backend={backends.requested()}")
