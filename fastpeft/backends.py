@@ -2,8 +2,9 @@
 
 `triton` on CUDA tensors when Triton is importable (or on CPU under TRITON_INTERPRET=1, for tests),
 `ext` where the compiled CPU extension is built, `torch` (hand-fused PyTorch) everywhere else, `reference`
-(plain PyTorch, the test oracle) on request. `FASTPEFT_BACKEND=auto|triton|ext|torch|reference` or an op's
-`backend=` argument forces one; a forced backend that cannot run here is an error, never a silent fallback.
+(plain PyTorch, the test oracle) on request and for float64, which no kernel is built for.
+`FASTPEFT_BACKEND=auto|triton|ext|torch|reference` or an op's `backend=` argument forces one; a forced backend that
+cannot run here is an error, never a silent fallback.
 """
 import functools
 import importlib.util
@@ -50,9 +51,16 @@ def requested(backend: str | None = None) -> str:
 
 
 @torch.compiler.assume_constant_result  # fixed for a process: torch.compile bakes the choice into its graph
-def choose(device: torch.device, backend: str | None = None, ext_helps: bool = True) -> str:
-    """The backend to run on `device`. `ext_helps=False` when the extension adds nothing for this call."""
+def choose(device: torch.device, backend: str | None = None, ext_helps: bool = True,
+           dtype: torch.dtype | None = None) -> str:
+    """The backend to run on `device` for inputs of `dtype`. `ext_helps=False` when the extension adds nothing for
+    this call."""
     name = requested(backend)
+    if dtype == torch.float64:
+        if name in ("triton", "ext"):
+            raise RuntimeError(f"backend {name!r} was requested but cannot run: it takes float32, bfloat16 and "
+                               "float16, got float64 (which runs on the reference backend)")
+        return "reference"
     if name == "auto":
         if device.type == "cuda" and triton_usable(device)[0]:
             return "triton"

@@ -84,7 +84,7 @@ def args(**override):
     (dict(b_down=torch.randn(3)), ValueError, r"b_down must have shape \(2,\), got \(3,\)"),
     (dict(b_up=torch.randn(2)), ValueError, r"b_up must have shape \(8,\), got \(2,\)"),
     (dict(residual=torch.randn(4, 8)), ValueError, r"residual must have shape \(3, 8\), got \(4, 8\)"),
-    (dict(w_up=torch.randn(8, 2, dtype=torch.float64)), TypeError, r"w_up must be float32, bfloat16 or float16"),
+    (dict(w_up=torch.ones(8, 2, dtype=torch.int32)), TypeError, r"w_up must be float32, bfloat16, float16 or float64"),
     (dict(b_up=torch.randn(8, dtype=torch.bfloat16)), TypeError, r"b_up has dtype torch.bfloat16 but h has torch.float32"),
     (dict(residual=torch.randn(3, 8, device="meta")), ValueError, r"residual is on meta but h is on cpu"),
     (dict(h=[[1.0] * 8]), TypeError, r"h must be a torch.Tensor, got list"),

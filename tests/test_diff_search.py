@@ -264,7 +264,8 @@ def test_gated_diff_is_the_eval_gate_times_diff(kind, structured):
     (nn.Conv2d(2, 3, 1), TypeError, r"DiffSearchLinear wraps nn.Linear or transformers' Conv1D, got Conv2d"),
     (nn.Embedding(4, 3), TypeError, r"DiffSearchLinear wraps nn.Linear or transformers' Conv1D, got Embedding"),
     (torch.randn(3, 4), TypeError, r"DiffSearchLinear wraps nn.Linear or transformers' Conv1D, got Tensor"),
-    (nn.Linear(4, 3).double(), TypeError, r"base_layer.weight must be float32, bfloat16 or float16, got torch.float64"),
+    (nn.Linear(4, 3).to(torch.float8_e4m3fn), TypeError,
+     r"base_layer.weight must be float32, bfloat16, float16 or float64, got torch.float8_e4m3fn"),
 ])
 def test_not_a_linear_layer(base, error, message):
     with pytest.raises(error, match=message):
@@ -291,7 +292,7 @@ def test_bad_options_leave_the_base_untouched(kwargs, error, message):
     (torch.randn(2, 5), ValueError, r"x's last dimension must equal in_features 4, got x of shape \(2, 5\)"),
     (torch.tensor(1.0), ValueError, r"x's last dimension must equal in_features 4, got x of shape \(\)"),
     (torch.randn(2, 4, dtype=torch.bfloat16), TypeError, r"weight has dtype torch.float32 but x has torch.bfloat16"),
-    (torch.ones(2, 4, dtype=torch.int64), TypeError, r"x must be float32, bfloat16 or float16, got torch.int64"),
+    (torch.ones(2, 4, dtype=torch.int64), TypeError, r"x must be float32, bfloat16, float16 or float64, got torch.int64"),
     ([[1.0] * 4], TypeError, r"x must be a torch.Tensor, got list"),
 ])
 def test_bad_input(x, error, message):

@@ -150,7 +150,7 @@ def linear_args(**override):
 
 @pytest.mark.parametrize("override, error, message", [
     (dict(x=torch.randn(3, 6)), ValueError, r"x's last dimension must equal the weight's in_features 4"),
-    (dict(x=torch.randn(3, 4, dtype=torch.float64)), TypeError, "x must be float32, bfloat16 or float16"),
+    (dict(x=torch.randn(3, 4, dtype=torch.float64)), TypeError, "weight has dtype torch.float32 but x has torch.float64"),
     (dict(weight=torch.randn(5, 4, 1)), ValueError, r"weight must be 2-D, got shape \(5, 4, 1\)"),
     (dict(x=torch.randn(3, 4).bfloat16()), TypeError, "weight has dtype torch.float32 but x has torch.bfloat16"),
     (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(5,\), got \(4,\)"),
@@ -171,7 +171,7 @@ def test_bad_linear_input_is_named(override, error, message):
     ((torch.randn(3, 4), torch.randn(2, 5)), ValueError, r"a and b must have the same number of rows"),
     ((torch.randn(3, 4), torch.randn(3, 5).half()), TypeError, "b has dtype torch.float16 but a has torch.float32"),
     ((torch.randn(3), torch.randn(3, 5)), ValueError, r"a must be 2-D"),
-    ((torch.randn(3, 4), torch.randn(3, 5).long()), TypeError, "b must be float32, bfloat16 or float16"),
+    ((torch.randn(3, 4), torch.randn(3, 5).long()), TypeError, "b must be float32, bfloat16, float16 or float64"),
 ])
 def test_bad_sddmm_input_is_named(args, error, message):
     with pytest.raises(error, match=message):

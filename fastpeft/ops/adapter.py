@@ -187,7 +187,7 @@ def bottleneck_adapter(h, w_down, b_down, w_up, b_up, activation="relu", scaling
     dropout_p = float(dropout_p) if training else 0.0
     if seed is None:
         seed = new_seed() if dropout_p > 0.0 else 0
-    name = backends.choose(h.device, backend, ext_helps=dropout_p > 0.0)
+    name = backends.choose(h.device, backend, ext_helps=dropout_p > 0.0, dtype=h.dtype)
     if name == "reference":
         return bottleneck_adapter_ref(h, w_down, b_down, w_up, b_up, activation, float(scaling), residual,
                                       dropout_p, seed)

@@ -3,14 +3,15 @@ import math
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 runs on the reference backend (see fastpeft.backends.choose): exact, e.g. for torch.autograd.gradcheck.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_tensor(name: str, t, dim: int | None = None, shape: tuple | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):

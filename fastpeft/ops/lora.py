@@ -180,7 +180,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     dropout_p = float(dropout_p) if training else 0.0
     if seed is None:
         seed = new_seed() if dropout_p > 0.0 else 0
-    name = backends.choose(x.device, backend)
+    name = backends.choose(x.device, backend, dtype=x.dtype)
     rank = lora_a.shape[0]
     if name == "triton" and rank > TRITON_MAX_RANK:
         if backends.requested(backend) == "triton":

@@ -200,7 +200,7 @@ def sparse_delta_linear(x, weight, bias, values, indices, fan_in_fan_out=False, 
     if bias is not None:
         checks.check_tensor("bias", bias, shape=(out_features,))
     checks.check_same("x", x, weight=weight, bias=bias)
-    name = backends.choose(x.device, backend)
+    name = backends.choose(x.device, backend, dtype=x.dtype)
     x2d = x.reshape(-1, in_features)
     out = SparseDeltaLinearFn.apply(x2d, weight, bias, values, indices, fan_in_fan_out, name)
     return out.reshape(*x.shape[:-1], out_features)
@@ -215,7 +215,7 @@ def sddmm(a, b, indices, backend=None):
         raise ValueError(f"a and b must have the same number of rows, got {tuple(a.shape)} and {tuple(b.shape)}")
     checks.check_same("a", a, b=b)
     check_index_tensor(indices, a.device, "a")
-    return _sddmm(a, b, indices, backends.choose(a.device, backend))
+    return _sddmm(a, b, indices, backends.choose(a.device, backend, dtype=a.dtype))
 
 
 @torch.no_grad()
@@ -224,5 +224,5 @@ def scatter_delta_(weight, base_values, values, indices, backend=None):
     returns weight. `base_values` are W0's entries at `indices`, so the result never depends on what the weight
     held there before."""
     _check_delta(weight, values, indices, base_values)
-    _scatter(weight, base_values, values, indices, backends.choose(weight.device, backend))
+    _scatter(weight, base_values, values, indices, backends.choose(weight.device, backend, dtype=weight.dtype))
     return weight
