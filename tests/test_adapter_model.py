@@ -152,11 +152,20 @@ def test_zero_up_is_exactly_the_base_model_and_near_identity_is_close(placement)
     for layer_norm in (False, True):
         zero_up = AdapterConfig(placement=placement, bottleneck=16, init="zero-up", layer_norm=layer_norm)
         assert torch.equal(minilm_hidden(inject(minilm(), zero_up)), reference)
-    near = minilm_hidden(inject(minilm(), AdapterConfig(placement=placement, bottleneck=16)))
+    near = minilm_hidden(inject(minilm(), AdapterConfig(placement=placement, bottleneck=16, init="near-identity")))
     assert 0 < (near - reference).norm() < 0.05 * reference.norm()
     llama = tiny_llama()
     assert torch.equal(llama_logits(inject(copy.deepcopy(llama), AdapterConfig(placement=placement, bottleneck=8,
                                                                                init="zero-up"))),
+                       llama_logits(llama))
+
+
+def test_default_init_is_zero_up_for_parallel_adapters_only():
+    assert [AdapterConfig(placement=p, bottleneck=8).init for p in PLACEMENTS] == ["near-identity", "near-identity",
+                                                                                   "zero-up"]
+    assert AdapterConfig(placement="parallel", bottleneck=8, init="near-identity").init == "near-identity"
+    llama = tiny_llama()
+    assert torch.equal(llama_logits(inject(copy.deepcopy(llama), AdapterConfig(placement="parallel", bottleneck=8))),
                        llama_logits(llama))
 
 

@@ -18,7 +18,10 @@ PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 @dataclass(frozen=True)
 class AdapterConfig(MethodConfig):
     """Bottleneck size by `bottleneck` (m) or `reduction_factor` (m = hidden // reduction_factor), exactly one.
-    `init`: "near-identity" (small Gaussian weights) or "zero-up" (the up projection zero: exactly the identity).
+    `init`: "near-identity" (small Gaussian weights) or "zero-up" (the up projection zero: exactly the identity);
+    by default zero-up for the parallel placement, whose adapter reads the FFN's (normalised) input and adds to its
+    output, where small random weights still move the output by percents (He et al.'s code and AdapterHub's parallel
+    adapters start at zero too), near-identity for the serial placements as in Houlsby et al.
     `layer_norm` puts a LayerNorm on the adapter's input. `modules_to_save` are trained in full (e.g. a head)."""
 
     METHOD = METHOD
@@ -28,7 +31,7 @@ class AdapterConfig(MethodConfig):
     bottleneck: int | None = None
     reduction_factor: float | None = None
     activation: str = "relu"
-    init: str = "near-identity"
+    init: str | None = None
     dropout: float = 0.0
     scaling: float = 1.0
     layer_norm: bool = False
@@ -41,6 +44,8 @@ class AdapterConfig(MethodConfig):
         check_size_options(self.bottleneck, self.reduction_factor)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.init is None:
+            object.__setattr__(self, "init", "zero-up" if self.placement == "parallel" else "near-identity")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.dropout, bool):
