@@ -167,3 +167,24 @@ def test_bad_settings_are_named(kwargs, message):
 def test_non_linear_base_is_rejected():
     with pytest.raises(TypeError, match="nn.Linear or transformers' Conv1D, got Conv2d"):
         LoraLinear.from_linear(nn.Conv2d(3, 3, 1))
+
+
+def test_float32_master_weights_on_a_bfloat16_layer():
+    """The adapter's weights stay fp32 (PEFT's autocast_adapter_dtype) and are cast to bf16 for each forward."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6).to(torch.bfloat16)
+    layer = LoraLinear.from_linear(base, r=2, dtype=torch.float32)
+    nn.init.normal_(layer.lora_B["default"])
+    assert {layer.lora_A["default"].dtype, layer.lora_B["default"].dtype} == {torch.float32}
+    rounded = LoraLinear.from_linear(nn.Linear(8, 6).to(torch.bfloat16), r=2)
+    with torch.no_grad():
+        rounded.base_layer.load_state_dict(base.state_dict())
+        rounded.lora_A["default"].copy_(layer.lora_A["default"])
+        rounded.lora_B["default"].copy_(layer.lora_B["default"])
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, rounded(x))
+    out.float().sum().backward()
+    assert layer.lora_A["default"].grad.dtype == torch.float32 and layer.lora_B["default"].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dtype must be a floating point torch.dtype or None, got 'float32'"):
+        layer.add_adapter("other", dtype="float32")

@@ -136,3 +136,20 @@ def test_seq_cls_trains_and_saves_the_classification_head_as_peft_does(tmp_path,
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     batch = gpt2_batch()
     torch.testing.assert_close(loaded(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_models_get_float32_lora_weights_as_in_peft(tmp_path):
+    config = dict(r=4, lora_alpha=8, target_modules=["query"])
+    theirs = peft.get_peft_model(minilm().to(torch.bfloat16), peft.LoraConfig(**config))
+    ours = inject(minilm().to(torch.bfloat16), LoraConfig(**config))
+    their_dtypes = {p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == their_dtypes == {torch.float32}
+    assert hidden(ours, minilm_batch()).dtype == torch.bfloat16
+    randomize_adapter(ours)
+    save_adapter(ours, tmp_path)
+    loaded = load_adapter(minilm().to(torch.bfloat16), tmp_path)
+    for (_, a), (_, b) in zip(lora_layers(ours), lora_layers(loaded)):
+        assert torch.equal(a.lora_A["default"], b.lora_A["default"]) and b.lora_B["default"].dtype == torch.float32
+    torch.testing.assert_close(hidden(loaded, minilm_batch()), hidden(ours, minilm_batch()), rtol=0, atol=0)
+    kept = inject(minilm().to(torch.bfloat16), LoraConfig(**config), autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in kept.named_parameters() if "lora_" in n} == {torch.bfloat16}

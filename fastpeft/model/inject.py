@@ -22,9 +22,10 @@ ACTIVE = "_fastpeft_active"  # model attribute: the active adapter's name
 
 
 def inject(model: nn.Module, config: LoraConfig | AdapterConfig | DiffPruningConfig,
-           adapter_name: str = "default") -> nn.Module:
+           adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> nn.Module:
     """Wrap the layers `config` targets in LoraLinear (or add the adapter to layers already wrapped), make the new
     adapter active, and freeze everything but it, its `modules_to_save` and the biases `config.bias` names.
+    With `autocast_adapter_dtype` (PEFT's default), LoRA weights on float16 / bfloat16 layers are float32.
     An AdapterConfig puts bottleneck adapters in instead (fastpeft.model.adapter_inject), a DiffPruningConfig diff
     pruning's search layers (fastpeft.model.diff_inject)."""
     if isinstance(config, DiffPruningConfig):
@@ -40,7 +41,8 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | DiffPruningCon
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs PEFT's data-driven initialisation; "
                          f"fastpeft initialises {INITS_SUPPORTED} (adapters trained that way still load)")
     add_adapter(model, config, adapter_name, find_targets(model, config), find_saved_modules(model, config),
-                init={True: "default", False: "default", "gaussian": "gaussian"}[config.init_lora_weights])
+                init={True: "default", False: "default", "gaussian": "gaussian"}[config.init_lora_weights],
+                autocast_adapter_dtype=autocast_adapter_dtype)
     if config.init_lora_weights is False:  # PEFT: B keeps nn.Linear's init too, so the adapter is not a no-op
         with torch.no_grad():
             for layer in adapter_layers(model, adapter_name):
@@ -49,14 +51,16 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | DiffPruningCon
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str, targets: list[Target],
-                saved: list[tuple[str, nn.Module]], init: str) -> None:
+                saved: list[tuple[str, nn.Module]], init: str, autocast_adapter_dtype: bool = True) -> None:
     """Apply an already validated plan (from `find_targets` / `find_saved_modules`) and activate the adapter."""
     for t in targets:
+        half = t.base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if autocast_adapter_dtype and half else None
         if isinstance(t.module, LoraLinear):
-            t.module.add_adapter(name, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora, init)
+            t.module.add_adapter(name, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora, init, dtype)
         else:
             put_in(model, t.path, LoraLinear(t.module, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
-                                             init, name))
+                                             init, name, dtype))
     for path, module in saved:
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(name)

@@ -62,9 +62,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     })
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load a PEFT-format LoRA adapter from `directory` as `adapter_name` and make it active. Injects it when the
-    model has no adapter of that name yet, else overwrites that adapter's weights (its settings must agree).
+    model has no adapter of that name yet (LoRA weights on float16 / bfloat16 layers in float32 with
+    `autocast_adapter_dtype`, as PEFT), else overwrites that adapter's weights (its settings must agree).
     A saved bottleneck adapter (method "bottleneck_adapter") is loaded by adapter_io instead, a diff pruning one
     (method "diff_pruning") by diff_io."""
     from fastpeft.model import adapter_io, diff_io  # other methods; they build on this module
@@ -97,7 +99,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     previous, backups = active_adapter(model), []
     try:
         if not existing:
-            add_adapter(model, config, adapter_name, targets, saved, init="zeros")
+            add_adapter(model, config, adapter_name, targets, saved, init="zeros",
+                        autocast_adapter_dtype=autocast_adapter_dtype)
         state = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for key, entry in entries.items():

@@ -1,7 +1,10 @@
 """`LoraLinear`: a drop-in replacement for `nn.Linear` (or transformers' GPT-2 `Conv1D`) with fused LoRA adapters.
 
 The base layer is wrapped, not copied, and stays frozen. Several named adapters can live on one layer; one is
-active at a time. Parameters follow PEFT's layout: `lora_A[name]` is [r, in], `lora_B[name]` is [out, r].
+active at a time. Parameters follow PEFT's layout: `lora_A[name]` is [r, in], `lora_B[name]` is [out, r]. They are
+in the base weight's dtype unless `dtype` says otherwise: float32 on a bfloat16 / float16 base keeps fp32 master
+weights (PEFT's `autocast_adapter_dtype`), cast to the base dtype for each forward, so that the optimizer's small
+updates are not rounded away.
 """
 import math
 from dataclasses import dataclass
@@ -46,7 +49,8 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "default", adapter_name: str = "default"):
+                 use_rslora: bool = False, init: str = "default", adapter_name: str = "default",
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = linear_features(base_layer)
         self.base_layer = base_layer
@@ -61,18 +65,20 @@ class LoraLinear(nn.Module):
         # The exact pre-merge weight, for bit-exact unmerge; a buffer so model.to() moves it along.
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.merged_adapter: str | None = None
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "default", adapter_name: str = "default") -> "LoraLinear":
-        """Wrap `linear` (its weight is shared, not copied) with one adapter."""
-        return cls(linear, r, lora_alpha, lora_dropout, use_rslora, init, adapter_name)
+                    use_rslora: bool = False, init: str = "default", adapter_name: str = "default",
+                    dtype: torch.dtype | None = None) -> "LoraLinear":
+        """Wrap `linear` (its weight is shared, not copied) with one adapter, whose weights are in `dtype` (default:
+        the base weight's)."""
+        return cls(linear, r, lora_alpha, lora_dropout, use_rslora, init, adapter_name, dtype)
 
     # --- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "default") -> None:
-        """Add adapter `name` and make it active."""
+                    use_rslora: bool = False, init: str = "default", dtype: torch.dtype | None = None) -> None:
+        """Add adapter `name`, its weights in `dtype` (default: the base weight's), and make it active."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
         if name in self.settings:
@@ -83,9 +89,12 @@ class LoraLinear(nn.Module):
         checks.check_probability("lora_dropout", lora_dropout)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
         weight = self.base_weight
-        self.lora_A[name] = nn.Parameter(weight.new_empty(r, self.in_features))
-        self.lora_B[name] = nn.Parameter(weight.new_empty(self.out_features, r))
+        dtype = dtype or weight.dtype
+        self.lora_A[name] = nn.Parameter(weight.new_empty(r, self.in_features, dtype=dtype))
+        self.lora_B[name] = nn.Parameter(weight.new_empty(self.out_features, r, dtype=dtype))
         self.settings[name] = LoraSettings(r, float(lora_alpha), float(lora_dropout), bool(use_rslora))
         self.reset_adapter(name, init)
         self.active_adapter = name
@@ -185,9 +194,10 @@ class LoraLinear(nn.Module):
             return nn.functional.linear(x, original, self.base_layer.bias)
         if self.disabled or self.merged or name is None:
             return self.base_layer(x)
-        settings = self.settings[name]
-        return lora_linear(x, self.weight_out_in(), self.base_layer.bias, self.lora_A[name], self.lora_B[name],
-                           settings.scaling, settings.lora_dropout, self.training)
+        settings, weight = self.settings[name], self.weight_out_in()
+        lora_a, lora_b = self.lora_A[name].to(weight.dtype), self.lora_B[name].to(weight.dtype)  # no-ops if equal
+        return lora_linear(x, weight, self.base_layer.bias, lora_a, lora_b, settings.scaling, settings.lora_dropout,
+                           self.training)
 
     def extra_repr(self) -> str:
         name = self.active_adapter
