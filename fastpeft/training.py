@@ -34,6 +34,8 @@ class EncodedText:
     """A labelled split tokenised once; `batches` pads each batch only to its own longest sequence."""
 
     def __init__(self, tokenizer, data: LabelledText, max_length: int = 128):
+        if not len(data):
+            raise ValueError("no examples to encode: the labelled text is empty")
         encoded = tokenizer(data.texts, truncation=True, max_length=max_length)
         self.features = [{**{k: v[i] for k, v in encoded.items()}, "labels": y} for i, y in enumerate(data.labels)]
         self.labels = torch.tensor(data.labels)
@@ -78,8 +80,9 @@ class TrainResult:
 
     def median_step_ms(self, warmup: int = 3) -> float:
         """Median time of a training step, leaving out the first `warmup` steps (allocations, lazy init)."""
-        timed = self.step_ms[warmup:] or self.step_ms
-        return statistics.median(timed)
+        if not self.step_ms:
+            raise ValueError("no training step was timed")
+        return statistics.median(self.step_ms[warmup:] or self.step_ms)
 
 
 def train(model: nn.Module, data: EncodedText, epochs: int = 3, lr: float = 1e-3, batch_size: int = 16,

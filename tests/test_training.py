@@ -7,7 +7,7 @@ import transformers
 from torch import nn
 
 from fastpeft import training
-from fastpeft.datasets import demo_dataset
+from fastpeft.datasets import LabelledText, demo_dataset
 from fastpeft.demo import packaged_model_dir
 from fastpeft.model import LoraConfig, inject
 
@@ -43,6 +43,14 @@ def test_batches_are_padded_per_batch(minilm_and_data):
     assert sum(len(b["labels"]) for b in batches) == len(train)
     shuffled = torch.cat([b["labels"] for b in train.batches(4, shuffle_seed=1)])
     assert sorted(shuffled.tolist()) == sorted(train.labels.tolist())
+
+
+def test_empty_data_and_no_steps_are_clear_errors(minilm_and_data):
+    tokenizer = minilm_and_data[1].collate.tokenizer
+    with pytest.raises(ValueError, match="no examples to encode"):
+        training.EncodedText(tokenizer, LabelledText([], [], ["neg", "pos"]))
+    with pytest.raises(ValueError, match="no training step was timed"):
+        training.TrainResult().median_step_ms()
 
 
 class TwoBranches(nn.Module):
