@@ -89,7 +89,9 @@ def test_rank_and_alpha_patterns_round_trip(tmp_path):
 def test_bf16_round_trip_and_float_cast(tmp_path):
     config = LoraConfig(r=4, target_modules=["c_fc"])
     model32, directory = saved(tmp_path, config)
-    bf16 = load_adapter(tiny_gpt2().to(torch.bfloat16), directory)  # fp32 file into a bf16 model: cast
+    master = load_adapter(tiny_gpt2().to(torch.bfloat16), directory)  # fp32 weights kept, as in PEFT
+    assert torch.equal(master.h[0].mlp.c_fc.lora_A["default"], model32.h[0].mlp.c_fc.lora_A["default"])
+    bf16 = load_adapter(tiny_gpt2().to(torch.bfloat16), directory, autocast_adapter_dtype=False)  # cast
     layer = bf16.h[0].mlp.c_fc
     assert layer.lora_A["default"].dtype == torch.bfloat16
     assert torch.equal(layer.lora_A["default"], model32.h[0].mlp.c_fc.lora_A["default"].bfloat16())
