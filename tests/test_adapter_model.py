@@ -114,10 +114,10 @@ def test_wrappers_compute_serial_and_parallel():
 def test_minilm_placements():
     layers = [f"encoder.layer.{i}" for i in range(MINILM_LAYERS)]
     houlsby = placed(inject(minilm(), AdapterConfig(placement="houlsby", bottleneck=8)))
-    assert houlsby == {**{f"{p}.attention.output.dense": "SerialAdapter" for p in layers},
-                       **{f"{p}.output.dense": "SerialAdapter" for p in layers}}
+    assert houlsby == {**{f"{p}.attention.output.dropout": "SerialAdapter" for p in layers},
+                       **{f"{p}.output.dropout": "SerialAdapter" for p in layers}}
     pfeiffer = placed(inject(minilm(), AdapterConfig(placement="pfeiffer", bottleneck=8)))
-    assert pfeiffer == {f"{p}.output.dense": "SerialAdapter" for p in layers}
+    assert pfeiffer == {f"{p}.output.dropout": "SerialAdapter" for p in layers}
     parallel = placed(inject(minilm(), AdapterConfig(placement="parallel", bottleneck=8)))
     assert parallel == {f"{p}.output": "BertParallelOutput" for p in layers}
 
@@ -133,6 +133,22 @@ def test_llama_placements():
     assert parallel == {f"{p}.mlp": "ParallelAdapter" for p in layers}
 
 
+def test_bert_serial_adapters_follow_the_projections_dropout_as_in_adapter_bert():
+    """Training mode: LayerNorm(adapter(dropout(dense(h))) + input), the adapter seeing what dropout kept."""
+    model = inject(minilm(), AdapterConfig(placement="houlsby", bottleneck=8))
+    randomize(model)
+    model.train()
+    for sublayer in (model.encoder.layer[0].attention.output, model.encoder.layer[0].output):
+        hidden, residual = torch.randn(2, 5, sublayer.dense.in_features), torch.randn(2, 5, 384)
+        torch.manual_seed(0)
+        got = sublayer(hidden, residual)
+        torch.manual_seed(0)
+        dropped = sublayer.dropout.base_layer(sublayer.dense(hidden))
+        assert not torch.equal(dropped, sublayer.dense(hidden))  # dropout is on
+        expected = sublayer.LayerNorm(sublayer.dropout.adapter(dropped) + residual)
+        torch.testing.assert_close(got, expected)
+
+
 def test_bert_parallel_adapter_reads_the_ffn_input():
     """BertOutput with a parallel adapter: LayerNorm(dense(intermediate) + s * branch(ffn input) + ffn input)."""
     model = inject(minilm(), AdapterConfig(placement="parallel", bottleneck=8, scaling=2.0))
@@ -144,6 +160,12 @@ def test_bert_parallel_adapter_reads_the_ffn_input():
     expected = base.LayerNorm(base.dense(intermediate) + 2.0 * a.up(F.relu(a.down(ffn_input))) + ffn_input)
     with torch.no_grad():
         torch.testing.assert_close(output(intermediate, ffn_input), expected)
+        model.train()  # dropout acts on the FFN's output, not on the adapter's
+        torch.manual_seed(0)
+        got = output(intermediate, ffn_input)
+        torch.manual_seed(0)
+        ffn = base.dropout(base.dense(intermediate))
+        torch.testing.assert_close(got, base.LayerNorm(ffn + 2.0 * a.up(F.relu(a.down(ffn_input))) + ffn_input))
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

@@ -1,11 +1,12 @@
 """Put bottleneck adapters into BERT-style or Llama-style transformer layers (`inject_adapters`), freeze the rest.
 
 Where each placement puts them (`sites`):
-  BERT layer  (attention.output.dense, intermediate, output.dense + output.LayerNorm):
-    houlsby   SerialAdapter on attention.output.dense and on output.dense (so before dropout, residual add + norm)
-    pfeiffer  SerialAdapter on output.dense
+  BERT layer  (attention.output.dense + dropout, intermediate, output.dense + dropout + LayerNorm):
+    houlsby   SerialAdapter on attention.output.dropout and on output.dropout: after the projection's dropout,
+              before the residual add + norm, as in Houlsby et al.'s adapter-bert
+    pfeiffer  SerialAdapter on output.dropout
     parallel  output -> BertParallelOutput: the adapter reads the FFN input (BertOutput's input_tensor) and is added
-              to the FFN output (dense(intermediate)) before dropout, residual add and LayerNorm
+              to the FFN output (dropout(dense(intermediate))) before the residual add and LayerNorm
   Llama layer (self_attn.o_proj, mlp.down_proj):
     houlsby   SerialAdapter on self_attn.o_proj and on mlp.down_proj (before the residual add)
     pfeiffer  SerialAdapter on mlp.down_proj
@@ -38,8 +39,8 @@ class BertParallelOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         out = self.base_layer
-        ffn = self.adapter(input_tensor, residual=out.dense(hidden_states))
-        return out.LayerNorm(out.dropout(ffn) + input_tensor)
+        ffn = self.adapter(input_tensor, residual=out.dropout(out.dense(hidden_states)))
+        return out.LayerNorm(ffn + input_tensor)
 
 
 WRAPPERS = (SerialAdapter, ParallelAdapter, BertParallelOutput)
@@ -47,12 +48,13 @@ WRAPPERS = (SerialAdapter, ParallelAdapter, BertParallelOutput)
 
 @dataclass(frozen=True)
 class Site:
-    """A module to wrap (at `path`), the wrapper class, and the adapter's width."""
+    """A module to wrap (at `path`), the wrapper class, and the projection whose output width, dtype and device
+    the adapter takes."""
 
     path: str
     module: nn.Module
     wrapper: type
-    width: int
+    projection: nn.Linear
 
 
 def sites(model: nn.Module, placement: str) -> list[Site]:
@@ -61,21 +63,22 @@ def sites(model: nn.Module, placement: str) -> list[Site]:
     for path, layer in model.named_modules():
         prefix = f"{path}." if path else ""
         if _is_bert_layer(layer):
-            attention, ffn_out = layer.attention.output.dense, layer.output.dense
+            attention, ffn_out = layer.attention.output, layer.output
             if placement == "houlsby":
-                found.append(Site(prefix + "attention.output.dense", attention, SerialAdapter, attention.out_features))
+                found.append(Site(prefix + "attention.output.dropout", attention.dropout, SerialAdapter,
+                                  attention.dense))
             if placement in ("houlsby", "pfeiffer"):
-                found.append(Site(prefix + "output.dense", ffn_out, SerialAdapter, ffn_out.out_features))
+                found.append(Site(prefix + "output.dropout", ffn_out.dropout, SerialAdapter, ffn_out.dense))
             else:
-                found.append(Site(prefix + "output", layer.output, BertParallelOutput, ffn_out.out_features))
+                found.append(Site(prefix + "output", layer.output, BertParallelOutput, ffn_out.dense))
         elif _is_llama_layer(layer):
             o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
             if placement == "houlsby":
-                found.append(Site(prefix + "self_attn.o_proj", o_proj, SerialAdapter, o_proj.out_features))
+                found.append(Site(prefix + "self_attn.o_proj", o_proj, SerialAdapter, o_proj))
             if placement in ("houlsby", "pfeiffer"):
-                found.append(Site(prefix + "mlp.down_proj", down_proj, SerialAdapter, down_proj.out_features))
+                found.append(Site(prefix + "mlp.down_proj", down_proj, SerialAdapter, down_proj))
             else:
-                found.append(Site(prefix + "mlp", layer.mlp, ParallelAdapter, down_proj.out_features))
+                found.append(Site(prefix + "mlp", layer.mlp, ParallelAdapter, down_proj))
     if not found:
         types = list(dict.fromkeys(type(m).__name__ for m in model.modules()
                                    if not type(m).__module__.startswith("torch.nn")))
@@ -95,7 +98,8 @@ def _linear(module: nn.Module, *names: str) -> bool:
 def _is_bert_layer(layer: nn.Module) -> bool:
     return (_linear(layer, "attention", "output", "dense") and _linear(layer, "intermediate", "dense")
             and _linear(layer, "output", "dense") and isinstance(getattr(layer.output, "LayerNorm", None), nn.Module)
-            and isinstance(getattr(layer.output, "dropout", None), nn.Module))
+            and isinstance(getattr(layer.output, "dropout", None), nn.Module)
+            and isinstance(getattr(layer.attention.output, "dropout", None), nn.Module))
 
 
 def _is_llama_layer(layer: nn.Module) -> bool:
@@ -147,11 +151,11 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
         raise ValueError(f"modules_to_save names {overlap[0]!r}, which holds or is inside a bottleneck adapter site")
     wrappers = {}
     for site in found:
-        weight = next(site.module.parameters())
+        weight = site.projection.weight
         try:
-            adapter = BottleneckAdapter(site.width, config.bottleneck, config.reduction_factor, config.activation,
-                                        config.init, config.dropout, config.scaling, config.layer_norm,
-                                        device=weight.device, dtype=weight.dtype)
+            adapter = BottleneckAdapter(site.projection.out_features, config.bottleneck, config.reduction_factor,
+                                        config.activation, config.init, config.dropout, config.scaling,
+                                        config.layer_norm, device=weight.device, dtype=weight.dtype)
         except ValueError as e:
             raise ValueError(f"adapter at {site.path}: {e}") from e
         wrappers[site.path] = site.wrapper(site.module, adapter)
