@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from fastpeft.model import (AdapterConfig, DiffPruningConfig, LoraConfig, inject, l0_penalty, load_adapter, merge,
@@ -255,6 +256,32 @@ def test_merge_unmerge_and_merge_and_unload():
     torch.testing.assert_close(outputs(model), trained)
 
 
+@pytest.mark.parametrize("merged", [True, False])
+def test_load_state_dict_into_a_merged_or_unmerged_model(merged):
+    """A state_dict holds the merged weight: loaded into an unmerged layer it must not get the delta twice."""
+    model = projected(DiffPruningConfig(target_modules=["c_attn"], density=0.05))
+    with torch.no_grad():
+        for _, layer in sparse_layers(model):
+            layer.values.add_(0.02)
+    trained, state = outputs(model), model.state_dict()
+    target = projected(DiffPruningConfig(target_modules=["c_attn"], density=0.05), seed=1)  # another mask
+    if not merged:
+        unmerge(target)
+    target.load_state_dict(state)
+    assert torch.equal(outputs(target), trained)
+    if not merged:
+        merge(target)
+        assert torch.equal(outputs(target), trained)
+
+
+def test_tied_weights_are_refused():
+    model = GPT2LMHeadModel(tiny_gpt2().config)  # lm_head.weight is transformer.wte.weight
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"lm_head.weight is shared with transformer.wte.weight \(tied weights\)"):
+        inject(model, DiffPruningConfig(target_modules=["lm_head", "c_attn"]))
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_steps_after_the_last_forward_reach_state_dict_and_merge_and_unload(fused):
     """The merged weight is scattered lazily (on the next forward): reading it any other way must not see a stale
@@ -454,6 +481,8 @@ def move_layer(to: str) -> callable:
     (move_layer("h.1.ln_1"), "h.1.ln_1 is a LayerNorm, not a linear layer"),
     (move_layer("h.1.mlp.c_fc"), "h.1.mlp.c_fc is not one of the config's target_modules"),
     (write_config(density=2), "adapter_config.json: density"),
+    (write_config(density=0.5), r"indices that do not match density=0.5, scope='per_weight' \(2\): "
+                                r"h.0.attn.c_attn: 246 kept, not 6144"),
     (write_config(rank=2), r"unknown diff pruning settings \['rank'\]"),
     (write_config(target_modules=["query"]), "matches no module of GPT2Model"),
 ])

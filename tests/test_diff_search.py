@@ -260,10 +260,16 @@ def test_gated_diff_is_the_eval_gate_times_diff(kind, structured):
     assert torch.equal(layer(x), merged(x))
 
 
+def transposed_weight(linear: nn.Linear) -> nn.Linear:
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
+    return linear
+
+
 @pytest.mark.parametrize("base, error, message", [
     (nn.Conv2d(2, 3, 1), TypeError, r"DiffSearchLinear wraps nn.Linear or transformers' Conv1D, got Conv2d"),
     (nn.Embedding(4, 3), TypeError, r"DiffSearchLinear wraps nn.Linear or transformers' Conv1D, got Embedding"),
     (torch.randn(3, 4), TypeError, r"DiffSearchLinear wraps nn.Linear or transformers' Conv1D, got Tensor"),
+    (transposed_weight(nn.Linear(4, 3)), ValueError, r"base_layer.weight must be contiguous"),
     (nn.Linear(4, 3).to(torch.float8_e4m3fn), TypeError,
      r"base_layer.weight must be float32, bfloat16, float16 or float64, got torch.float8_e4m3fn"),
 ])

@@ -80,7 +80,21 @@ def check_new(model: nn.Module, config: DiffPruningConfig, adapter_name: str) ->
 def find_sites(model: nn.Module, config: DiffPruningConfig) -> tuple[list, list]:
     """([(path, linear layer)] the config targets, [(path, module)] its modules_to_save); changes nothing."""
     targets = match_linear(model, config.target_modules, config.modules_to_save, method=METHOD_NAME)
+    _refuse_shared_weights(model, targets)
     return targets, find_saved_modules(model, config)
+
+
+def _refuse_shared_weights(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """The fixed-mask stage writes W0 + delta into the base weight in place, which a tied weight (an output head
+    sharing the input embedding) would carry into the other module, and the values' gradient would miss that use."""
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for path, module in targets:
+        shared = [name for name in owners[id(module.weight)] if name != f"{path}.weight"]
+        if shared:
+            raise ValueError(f"{path}.weight is shared with {shared[0]} (tied weights); diff pruning writes the "
+                             f"delta into the weight in place, so leave {path!r} out of target_modules or untie it")
 
 
 def build_layers(targets: list[tuple[str, nn.Module]], make) -> dict[str, nn.Module]:

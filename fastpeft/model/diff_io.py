@@ -14,8 +14,8 @@ from torch import nn
 
 from fastpeft.model.config import ALL_LINEAR
 from fastpeft.model.diff_config import DiffPruningConfig
-from fastpeft.model.diff_inject import apply, build_layers, check_new, diff_config, find_sites, search_layers, \
-    sparse_layers
+from fastpeft.model.diff_inject import apply, build_layers, check_new, diff_config, find_sites, kept_count, \
+    search_layers, sparse_layers
 from fastpeft.model.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _listed, _write_text, read_json, \
     read_weights
 from fastpeft.model.saved_module import ModulesToSave
@@ -60,7 +60,8 @@ def load_diff(model: nn.Module, directory, adapter_name: str = "default") -> nn.
         targets, saved = find_sites(model, config)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
-    problems = _problems(model, dict(targets), dict(saved), tensors)
+    problems = _problems(model, dict(targets), dict(saved), tensors) or _density_problems(config, dict(targets),
+                                                                                         tensors)
     if problems:
         raise ValueError(f"{weights_path} does not fit a diff pruning adapter of {type(model).__name__} "
                          f"(target_modules={config.target_modules!r}):\n  " + "\n  ".join(problems))
@@ -94,6 +95,21 @@ def _problems(model: nn.Module, targets: dict[str, nn.Module], saved: dict[str, 
             bad += [f"{PREFIX}{path}.{why}" for why in _layer_problems(indices, values, module.weight.numel())]
     return [f"{label} ({len(items)}): {_listed(items)}" for label, items in
             (("missing keys", missing), ("unexpected keys", unexpected), ("bad tensors", bad)) if items]
+
+
+def _density_problems(config: DiffPruningConfig, targets: dict[str, nn.Module],
+                      tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The config's density and scope against the kept counts of the indices (as project_to_density keeps)."""
+    kept = {path: tensors[f"{PREFIX}{path}.indices"].numel() for path in targets}
+    sizes = {path: module.weight.numel() for path, module in targets.items()}
+    if config.scope == "global":
+        wrong = [] if sum(kept.values()) == kept_count(config.density, sum(sizes.values())) else \
+            [f"{sum(kept.values())} kept entries in all, not {kept_count(config.density, sum(sizes.values()))}"]
+    else:
+        wrong = [f"{path}: {kept[path]} kept, not {kept_count(config.density, sizes[path])}" for path in targets
+                 if kept[path] != kept_count(config.density, sizes[path])]
+    return [f"indices that do not match density={config.density:g}, scope={config.scope!r} ({len(wrong)}): "
+            f"{_listed(wrong)}"] if wrong else []
 
 
 def _why_unexpected(model: nn.Module, key: str, targets: dict[str, nn.Module]) -> str:

@@ -29,6 +29,8 @@ class DiffSearchLinear(nn.Module):
                             f"got {type(base_layer).__name__}")
         weight = base_layer.weight
         checks.check_tensor("base_layer.weight", weight, dim=2)
+        if not weight.is_contiguous():  # found now, not after the search, when the fixed mask needs it
+            raise ValueError("base_layer.weight must be contiguous (the fixed mask's indices are flat positions in it)")
         if not isinstance(structured, bool):
             raise TypeError(f"structured must be a bool, got {structured!r}")
         check_gate_options(temperature, stretch, log_alpha_init)  # before anything is changed

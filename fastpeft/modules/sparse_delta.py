@@ -41,6 +41,10 @@ def _sync_before_state_dict(module, prefix, keep_vars) -> None:
     module.sync()  # a state_dict holds the trained weight, not the one of the last forward
 
 
+def _restore_after_load(module, incompatible_keys) -> None:
+    module.restore_weight()  # the loaded weight holds W0 + delta (a state_dict syncs), or W0, at the mask
+
+
 class SparseDeltaLinear(nn.Module):
     """Wraps `base_layer` (its weight is shared, not copied, and frozen) with a fixed-mask sparse delta. `indices`:
     strictly increasing flat positions in the stored weight (Conv1D: [in, out]); `values`: the delta there
@@ -74,6 +78,7 @@ class SparseDeltaLinear(nn.Module):
         self._scattered = None  # the key of the values last scattered (see the comment at _optimizer_steps)
         self.merge()
         self.register_state_dict_pre_hook(_sync_before_state_dict)
+        self.register_load_state_dict_post_hook(_restore_after_load)
 
     @property
     def nnz(self) -> int:
@@ -116,9 +121,18 @@ class SparseDeltaLinear(nn.Module):
         """Restore the base weight's exact original bits at the mask (from base_values)."""
         if not self.merged:
             raise ValueError("unmerge() called on a layer whose sparse delta is not merged")
-        self.base_layer.weight.view(-1).index_copy_(0, self.indices.long(), self.base_values)
         self.merged = False
-        self._scattered = None
+        self.restore_weight()
+
+    @torch.no_grad()
+    def restore_weight(self) -> None:
+        """Make the base weight at the mask what this layer's state says (base_values + values when merged,
+        base_values when not), whatever it holds now, e.g. after load_state_dict."""
+        if self.merged:
+            self._scatter()
+        else:
+            self.base_layer.weight.view(-1).index_copy_(0, self.indices.long(), self.base_values)
+            self._scattered = None
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
