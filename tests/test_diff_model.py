@@ -501,6 +501,20 @@ def test_bad_files_are_named_and_leave_the_model_unchanged(tmp_path, damage, mes
     assert not diff_names(model)
 
 
+def test_a_layer_of_the_same_size_but_another_shape_is_refused(tmp_path):
+    """Flat positions in a [4, 8] weight are other entries of an [8, 4] one."""
+    wide, tall = nn.Sequential(nn.Linear(8, 4)), nn.Sequential(nn.Linear(4, 8))
+    config = DiffPruningConfig(target_modules=["0"], density=0.25)
+    inject(wide, config)
+    project_to_density(wide)
+    save_adapter(wide, tmp_path / "adapter")
+    before = snapshot(tall)
+    with pytest.raises(ValueError, match=r"weight shape mismatches \(1\): 0: file \(4, 8\), model \(8, 4\)"):
+        load_adapter(tall, tmp_path / "adapter")
+    assert_unchanged(tall, before)
+    assert load_adapter(nn.Sequential(nn.Linear(8, 4)), tmp_path / "adapter")  # the same shape loads
+
+
 def test_a_failure_while_building_undoes_what_was_built(tmp_path, monkeypatch):
     _, directory = saved(tmp_path, DiffPruningConfig(target_modules=["c_attn"], density=0.02))
     model = tiny_gpt2()

@@ -1,7 +1,9 @@
 """Save and load diff pruning adapters (the fixed-mask stage) in the project's file pattern: `adapter_config.json`
 holding {"method": "diff_pruning", <DiffPruningConfig fields>} and `adapter_model.safetensors` with, per layer,
 `base_model.model.<layer path>.indices` (int32 / int64 flat positions in the stored weight, strictly increasing)
-and `.values` (fp32, the delta there), and `base_model.model.<module path>.<param>` for modules_to_save.
+and `.values` (fp32, the delta there), and `base_model.model.<module path>.<param>` for modules_to_save; its
+metadata's "weight_shapes" (JSON: layer path -> stored weight shape) lets a load refuse a layer of the same size but
+another shape, where the flat positions would mean other entries.
 
 `save_adapter` / `load_adapter` of fastpeft.model.io hand diff pruning adapters to these functions. Writes are
 atomic; a load checks every key, dtype, length and index against the model before it changes anything."""
@@ -9,6 +11,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -24,6 +27,7 @@ from fastpeft.modules.sparse_delta import SparseDeltaLinear
 from fastpeft.ops.sparse_delta import INDEX_DTYPES, check_indices
 
 LAYER_TENSORS = ("indices", "values")
+SHAPES_KEY = "weight_shapes"  # in the safetensors metadata
 
 
 def save_diff(model: nn.Module, directory, adapter_name: str = "default") -> None:
@@ -42,8 +46,9 @@ def save_diff(model: nn.Module, directory, adapter_name: str = "default") -> Non
         settings["target_modules"] = sorted(layers)
     settings["base_model_name_or_path"] = config.base_model_name_or_path or getattr(model, "name_or_path", None) \
         or None
+    shapes = json.dumps({path: list(layer.base_layer.weight.shape) for path, layer in layers.items()})
     _atomic_write(os.fspath(directory), {
-        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt", SHAPES_KEY: shapes}),
         CONFIG_NAME: lambda path: _write_text(path, json.dumps(settings, indent=2, sort_keys=True)),
     })
 
@@ -60,8 +65,8 @@ def load_diff(model: nn.Module, directory, adapter_name: str = "default") -> nn.
         targets, saved = find_sites(model, config)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
-    problems = _problems(model, dict(targets), dict(saved), tensors) or _density_problems(config, dict(targets),
-                                                                                         tensors)
+    problems = (_problems(model, dict(targets), dict(saved), tensors) or _shape_problems(weights_path, dict(targets))
+                or _density_problems(config, dict(targets), tensors))
     if problems:
         raise ValueError(f"{weights_path} does not fit a diff pruning adapter of {type(model).__name__} "
                          f"(target_modules={config.target_modules!r}):\n  " + "\n  ".join(problems))
@@ -95,6 +100,19 @@ def _problems(model: nn.Module, targets: dict[str, nn.Module], saved: dict[str, 
             bad += [f"{PREFIX}{path}.{why}" for why in _layer_problems(indices, values, module.weight.numel())]
     return [f"{label} ({len(items)}): {_listed(items)}" for label, items in
             (("missing keys", missing), ("unexpected keys", unexpected), ("bad tensors", bad)) if items]
+
+
+def _shape_problems(weights_path: str, targets: dict[str, nn.Module]) -> list[str]:
+    """The stored weight shapes the file records (files written before they were recorded pass) against the model's."""
+    with safe_open(weights_path, "pt") as f:
+        recorded = (f.metadata() or {}).get(SHAPES_KEY)
+    try:
+        shapes = json.loads(recorded) if recorded is not None else {}
+        wrong = [f"{path}: file {tuple(shapes[path])}, model {tuple(module.weight.shape)}"
+                 for path, module in targets.items() if path in shapes and tuple(shapes[path]) != module.weight.shape]
+    except (ValueError, TypeError) as e:
+        return [f"unreadable {SHAPES_KEY} metadata: {e}"]
+    return [f"weight shape mismatches ({len(wrong)}): {_listed(wrong)}"] if wrong else []
 
 
 def _density_problems(config: DiffPruningConfig, targets: dict[str, nn.Module],
