@@ -282,6 +282,22 @@ def test_tied_weights_are_refused():
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_another_optimizers_step_between_two_forwards_leaves_their_graphs_valid(backend, monkeypatch):
+    """A scatter (bumping the weight's version) only when the values change, not on any optimizer's step."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    model = projected(DiffPruningConfig(target_modules=["c_attn"], density=0.05))
+    other = nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(other.parameters(), lr=1e-2, fused=True)
+    batch = gpt2_batch()
+    first = hidden(model, batch).sum()
+    other(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    second = hidden(model, batch).sum()
+    (first + second).backward()  # raised "modified by an inplace operation" when any step forced a scatter
+    assert all(layer.values.grad is not None for _, layer in sparse_layers(model))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_steps_after_the_last_forward_reach_state_dict_and_merge_and_unload(fused):
     """The merged weight is scattered lazily (on the next forward): reading it any other way must not see a stale

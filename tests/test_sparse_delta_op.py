@@ -102,7 +102,9 @@ def test_scatter_is_bit_exact_and_ignores_what_the_weight_held(backend, dtype):
     want = scatter_delta_ref(base.clone(), base_values, values, indices)
     stale = base.clone()
     stale.view(-1)[indices.long()] = 7.0  # a previous merge: the result depends only on base_values + values
+    version = stale._version
     assert scatter_delta_(stale, base_values, values, indices, backend=backend) is stale
+    assert stale._version > version  # autograd sees the write (a graph that saved the weight then refuses it)
     assert torch.equal(stale.view(torch.uint8), want.view(torch.uint8))
     transposed = base.t().contiguous().t()  # row-major positions of a column-major weight
     scatter_delta_(transposed, base_values, values, indices, backend=backend)

@@ -9,6 +9,7 @@ writes them back bit for bit, and every scatter computes base_values + values, n
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastpeft import backends
 from fastpeft.modules.lora import is_conv1d, linear_features
@@ -21,17 +22,19 @@ from fastpeft.ops.sparse_delta import (check_index_tensor, check_indices, index_
 #    `with torch.no_grad(): values.add_(...)`): it bumps `values._version`;
 #  - a new tensor (model.to(), load_state_dict(assign=True), `layer.values = ...`): its data_ptr differs;
 #  - an optimizer step by a fused kernel (`AdamW(fused=True)`): it bumps no version counter (checked with
-#    torch 2.13), so a count of optimizer steps (a global step hook: any optimizer, any parameters) is part of the key.
-# A forward scatters when (data_ptr, _version, steps) differs from the last scatter's. Scattering is idempotent
-# (base_values + values), so a spurious one costs O(nnz) and nothing else; scattering on *every* forward would
-# also work but bumps the weight's version each time, which breaks two forwards before one backward (the first
-# graph saved the weight). Writes through `values.data` outside an optimizer step are not seen: use no_grad ops.
-_optimizer_steps = 0
+#    torch 2.13), so the count of steps of the optimizers holding `values` (a global step hook) is part of the key.
+# A forward scatters when (data_ptr, _version, steps) differs from the last scatter's. A scatter bumps the weight's
+# version, which breaks two forwards before one backward (the first graph saved the weight), so only a change of
+# `values` may cause one: not a step of an optimizer of other parameters. Writes through `values.data` outside an
+# optimizer step are not seen: use no_grad ops.
+_steps = WeakIdKeyDictionary()  # values parameter -> steps taken by optimizers holding it
 
 
 def _count_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p in _steps:
+                _steps[p] += 1
 
 
 register_optimizer_step_post_hook(_count_step)
@@ -75,7 +78,7 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("base_values", weight.detach().view(-1)[self.indices.long()])  # a gather: a copy
         self.values = nn.Parameter(values.detach().to(torch.float32, copy=True))
         self.merged = False
-        self._scattered = None  # the key of the values last scattered (see the comment at _optimizer_steps)
+        self._scattered = None  # the key of the values last scattered (see the comment at _steps)
         self.merge()
         self.register_state_dict_pre_hook(_sync_before_state_dict)
         self.register_load_state_dict_post_hook(_restore_after_load)
@@ -96,7 +99,9 @@ class SparseDeltaLinear(nn.Module):
 
     # --- merge ------------------------------------------------------------------------------------------------
     def _values_key(self) -> tuple:
-        return self.values.data_ptr(), self.values._version, _optimizer_steps
+        if self.values not in _steps:  # a new tensor (its data_ptr differs too)
+            _steps[self.values] = 0
+        return self.values.data_ptr(), self.values._version, _steps[self.values]
 
     @torch.no_grad()
     def _scatter(self) -> None:

@@ -16,6 +16,7 @@ not the index data (`check_indices` does, where masks are made or loaded; the ex
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import increment_version
 
 from fastpeft import backends
 from fastpeft.ops import checks
@@ -224,5 +225,8 @@ def scatter_delta_(weight, base_values, values, indices, backend=None):
     returns weight. `base_values` are W0's entries at `indices`, so the result never depends on what the weight
     held there before."""
     _check_delta(weight, values, indices, base_values)
+    version = weight._version
     _scatter(weight, base_values, values, indices, backends.choose(weight.device, backend, dtype=weight.dtype))
+    if weight._version == version:  # the kernels write through pointers: tell autograd, as index_put_ does
+        increment_version(weight)
     return weight
