@@ -231,6 +231,22 @@ def test_merge_unmerge_and_unload(make, batch, targets, plain):
     torch.testing.assert_close(hidden(model, batch()), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_merging_into_a_tied_weight_is_refused_before_anything_merges():
+    """GPT-2's lm_head shares the input embedding: merging LoRA into it would change the embedding too."""
+    model = GPT2LMHeadModel(tiny_gpt2().config)
+    inject(model, LoraConfig(r=2, target_modules=["c_attn", "lm_head"]))
+    randomize_adapter(model)
+    before = snapshot(model)
+    for fold in (merge, merge_and_unload):
+        with pytest.raises(ValueError, match=r"lm_head's weight is shared with transformer.wte.weight \(tied"):
+            fold(model)
+        assert_unchanged(model, before)
+        assert not any(layer.merged for _, layer in lora_layers(model))
+    untied = GPT2LMHeadModel(GPT2Config(**{**tiny_gpt2().config.to_dict(), "tie_word_embeddings": False}))
+    inject(untied, LoraConfig(r=2, target_modules=["lm_head"]))
+    merge(untied)
+
+
 def test_merged_model_refuses_switching_and_new_adapters():
     model = inject(tiny_gpt2(), LoraConfig(target_modules=["c_attn"]), adapter_name="a")
     inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name="b")

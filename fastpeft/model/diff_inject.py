@@ -9,7 +9,7 @@ from fastpeft.model.adapter_inject import bottleneck_names
 from fastpeft.model.diff_config import DiffPruningConfig
 from fastpeft.model.replace import put_in
 from fastpeft.model.saved_module import ModulesToSave
-from fastpeft.model.targets import find_saved_modules, match_linear
+from fastpeft.model.targets import find_saved_modules, match_linear, tied_elsewhere
 from fastpeft.model.validate import check_inject_args
 from fastpeft.modules.diff_search import DiffSearchLinear
 from fastpeft.modules.lora import LoraLinear
@@ -87,11 +87,8 @@ def find_sites(model: nn.Module, config: DiffPruningConfig) -> tuple[list, list]
 def _refuse_shared_weights(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     """The fixed-mask stage writes W0 + delta into the base weight in place, which a tied weight (an output head
     sharing the input embedding) would carry into the other module, and the values' gradient would miss that use."""
-    owners = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
     for path, module in targets:
-        shared = [name for name in owners[id(module.weight)] if name != f"{path}.weight"]
+        shared = tied_elsewhere(model, path, module.weight)
         if shared:
             raise ValueError(f"{path}.weight is shared with {shared[0]} (tied weights); diff pruning writes the "
                              f"delta into the weight in place, so leave {path!r} out of target_modules or untie it")

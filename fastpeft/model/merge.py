@@ -6,6 +6,7 @@ from torch import nn
 from fastpeft.model.adapter_inject import refuse_merge
 from fastpeft.model.diff_inject import diff_names, forget_diff, search_layers, sparse_layers
 from fastpeft.model.inject import active_adapter, adapter_config, forget_adapters, lora_layers, saved_wrappers
+from fastpeft.model.targets import tied_elsewhere
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -20,11 +21,10 @@ def merge(model: nn.Module) -> nn.Module:
             layer.merge()
         return model
     name = _active(model)
-    layers = [m for _, m in lora_layers(model) if name in m.settings]
     merged = [path for path, m in lora_layers(model) if m.merged]
     if merged:
         raise ValueError(f"the model is already merged (e.g. {merged[0]!r}); unmerge(model) first")
-    for layer in layers:
+    for layer in _mergeable(model, name):
         layer.merge(name)
     return model
 
@@ -53,15 +53,29 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         forget_diff(model)
     else:
         name = _active(model)
-        for path, layer in lora_layers(model):
-            if name in layer.settings and not layer.merged:
+        for layer in _mergeable(model, name):
+            if not layer.merged:
                 layer.merge(name)
+        for path, layer in lora_layers(model):
             model.set_submodule(path, layer.base_layer)
         forget_adapters(model)
     for path, wrapper in saved_wrappers(model):
         wrapper.disabled = False
         model.set_submodule(path, wrapper.active_module)
     return model
+
+
+def _mergeable(model: nn.Module, name: str) -> list:
+    """The LoRA layers holding adapter `name`; an error, before any is merged, if one's weight is tied to another
+    module's (merging would change that module too)."""
+    layers = [(path, m) for path, m in lora_layers(model) if name in m.settings]
+    for path, layer in layers:
+        shared = tied_elsewhere(model, path + ".base_layer", layer.base_layer.weight)
+        if shared:
+            raise ValueError(f"{path}'s weight is shared with {shared[0]} (tied weights): merging the adapter into "
+                             f"it would change that module too; untie the weights first, or keep the adapter "
+                             f"unmerged")
+    return [m for _, m in layers]
 
 
 def _diff_layers(model: nn.Module) -> list:

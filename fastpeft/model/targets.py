@@ -114,3 +114,10 @@ def _linear_names(modules) -> str:
 
 def _show(targets) -> str:
     return repr(list(targets) if isinstance(targets, tuple) else targets)
+
+
+def tied_elsewhere(model: nn.Module, path: str, weight: nn.Parameter) -> list[str]:
+    """Names of the model's other parameters that are `weight` itself (tied weights, e.g. an output head sharing
+    the input embedding): an in-place change of the weight at `path` reaches them too."""
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if p is weight and name != f"{path}.weight"]
