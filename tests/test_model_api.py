@@ -247,6 +247,16 @@ def test_merging_into_a_tied_weight_is_refused_before_anything_merges():
     merge(untied)
 
 
+def test_tie_weights_reties_the_wrapped_heads_base_layer():
+    """transformers' tie_weights assigns lm_head.weight (PEFT's layers raise KeyError there)."""
+    model = GPT2LMHeadModel(tiny_gpt2().config)
+    inject(model, LoraConfig(r=2, target_modules=["lm_head"]))
+    model.lm_head.base_layer.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())  # untied
+    model.tie_weights()
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight is model.lm_head.weight
+    assert "weight" not in dict(model.lm_head.named_parameters(recurse=False))
+
+
 def test_merged_model_refuses_switching_and_new_adapters():
     model = inject(tiny_gpt2(), LoraConfig(target_modules=["c_attn"]), adapter_name="a")
     inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name="b")

@@ -135,12 +135,20 @@ class LoraLinear(nn.Module):
     # --- weights --------------------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
-        """The base layer's weight, read-only, as PEFT's layers expose it (transformers reads `lm_head.weight`)."""
+        """The base layer's weight, as PEFT's layers expose it (transformers reads `lm_head.weight`)."""
         return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def __setattr__(self, name: str, value) -> None:
+        # Assigning weight / bias (transformers' tie_weights re-ties lm_head.weight) goes to the base layer;
+        # nn.Module would refuse a parameter named like the properties.
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def base_weight(self) -> torch.Tensor:
