@@ -91,7 +91,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
-        weight = self.base_weight
+        weight = self.weight
         dtype = dtype or weight.dtype
         self.lora_A[name] = nn.Parameter(weight.new_empty(r, self.in_features, dtype=dtype))
         self.lora_B[name] = nn.Parameter(weight.new_empty(self.out_features, r, dtype=dtype))
@@ -135,7 +135,8 @@ class LoraLinear(nn.Module):
     # --- weights --------------------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
-        """The base layer's weight, as PEFT's layers expose it (transformers reads `lm_head.weight`)."""
+        """The base layer's weight as stored (Conv1D: [in, out]), as PEFT's layers expose it (transformers reads
+        `lm_head.weight`)."""
         return self.base_layer.weight
 
     @property
@@ -149,11 +150,6 @@ class LoraLinear(nn.Module):
             setattr(self.base_layer, name, value)
         else:
             super().__setattr__(name, value)
-
-    @property
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as stored (Conv1D: [in, out])."""
-        return self.base_layer.weight
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight in [out, in] orientation (a transposed view for Conv1D, never a copy)."""
