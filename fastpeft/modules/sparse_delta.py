@@ -31,6 +31,8 @@ _steps = WeakIdKeyDictionary()  # values parameter -> steps taken by optimizers 
 
 
 def _count_step(optimizer, args, kwargs) -> None:
+    if not _steps:  # no fixed-mask layer alive: every other optimizer's step costs nothing here
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p in _steps:
