@@ -7,6 +7,8 @@
 // The ops are registered in the `fastpeft` torch.library namespace (callable as torch.ops.fastpeft.*,
 // visible to torch.compile). One CompositeExplicitAutograd kernel serves CPU tensors and, for tracing,
 // meta tensors (shapes only); any other device fails the device check with a message.
+// Seeds are SymInts in the schemas: under torch.compile a seed drawn inside the graph is symbolic while tracing
+// (an `int` argument would have to be specialized, and cannot be). The meta path returns before reading it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -121,7 +123,7 @@ at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optio
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
-  m.def("dropout_forward(Tensor x, int seed, float p) -> Tensor");
+  m.def("dropout_forward(Tensor x, SymInt seed, float p) -> Tensor");
   m.def("dropout_mask(int seed, int M, int K, float p, *, Device? device=None) -> Tensor");
 }
 

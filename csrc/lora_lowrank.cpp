@@ -624,8 +624,8 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("lora_dy_pass(Tensor dy, Tensor b, Tensor s, float scaling) -> (Tensor, Tensor)");
-  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!)? dx, int seed, float p, bool accumulate=True) -> Tensor");
-  m.def("lora_lowrank_out(Tensor x, Tensor a, Tensor b, Tensor? bias, float scaling, int seed, float p) -> (Tensor, Tensor)");
+  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!)? dx, SymInt seed, float p, bool accumulate=True) -> Tensor");
+  m.def("lora_lowrank_out(Tensor x, Tensor a, Tensor b, Tensor? bias, float scaling, SymInt seed, float p) -> (Tensor, Tensor)");
   m.def("lora_grad_pass(Tensor x, Tensor dy, Tensor a, Tensor b, float scaling) -> (Tensor, Tensor)");
 }
 

@@ -82,12 +82,12 @@ def load():
     if library is not None:
         try:
             torch.ops.load_library(library)
-            return torch.ops.fastpeft
+            return _with_seeded_fakes(torch.ops.fastpeft)
         except OSError as error:  # e.g. built against another torch
             causes.append(f"the built {library} does not load ({error}); ")
     try:
         _jit_build()
-        return torch.ops.fastpeft
+        return _with_seeded_fakes(torch.ops.fastpeft)
     except Exception as error:  # any build failure means: no extension, say why
         message = str(error).strip()
         if len(message) > 2000:
@@ -96,6 +96,35 @@ def load():
     warnings.warn(f"fastpeft: compiled CPU extension unavailable, using the torch backend: {''.join(causes)}",
                   RuntimeWarning, stacklevel=2)
     return None
+
+
+def _with_seeded_fakes(ops):
+    """Registers the fake kernels of the ops that take a dropout seed, and returns `ops`.
+
+    Under torch.compile a seed drawn inside the graph is an unbacked SymInt while tracing; the C++ kernels (which
+    also serve meta tensors) take an int64 and would have to guard on it, so tracing runs these instead. They give
+    shapes and dtypes, and check devices as the C++ kernels do (meta tensors mixed with others dispatch here)."""
+
+    def same_device(op, x, **others):
+        for name, t in others.items():
+            if t is not None and t.device != x.device:
+                raise RuntimeError(f"{op}: {name} device {t.device} must match x device {x.device}")
+
+    @torch.library.register_fake("fastpeft::lora_lowrank_out")
+    def _(x, a, b, bias, scaling, seed, p):
+        same_device("lora_lowrank_out", x, a=a, b=b, bias=bias)
+        return x.new_empty((x.shape[0], b.shape[0])), x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("fastpeft::lora_dx_pass_")
+    def _(x, g, a, dx, seed, p, accumulate=True):
+        same_device("lora_dx_pass_", x, g=g, a=a, dx=dx)
+        return x.new_empty(a.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("fastpeft::dropout_forward")
+    def _(x, seed, p):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    return ops
 
 
 def available() -> bool:

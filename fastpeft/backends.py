@@ -42,6 +42,12 @@ def ext_usable(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def ext_ops():
+    """`torch.ops.fastpeft`, for ops that run only after `choose` picked "ext" (which loaded the library); reading
+    torch.ops directly keeps torch.compile from tracing the loader."""
+    return torch.ops.fastpeft
+
+
 def requested(backend: str | None = None) -> str:
     name = backend if backend is not None else os.environ.get("FASTPEFT_BACKEND", "auto")
     if name not in BACKENDS:

@@ -62,7 +62,7 @@ class BottleneckAdapterTorch(torch.autograd.Function):
     def forward(ctx, h2d, w_down, b_down, w_up, b_up, r2d, activation, scaling, dropout_p, seed, use_ext):
         dropped = h2d
         if dropout_p > 0.0:
-            dropped = _ext_module().dropout_forward(h2d, seed, dropout_p) if use_ext else dropout_ref(h2d, dropout_p, seed)
+            dropped = _dropout(h2d, dropout_p, seed, use_ext)
         pre = dropped.mm(w_down.t()) if b_down is None else torch.addmm(b_down, dropped, w_down.t())
         del dropped
         a = _activated(pre, activation, b_up is not None)
@@ -93,6 +93,11 @@ class BottleneckAdapterTorch(torch.autograd.Function):
         return dh, dw_down, db_down, dw_up, db_up, (dy if need_dr else None), None, None, None, None, None
 
 
+def _dropout(t, p, seed, use_ext):
+    """Inverted dropout of a 2-D tensor with the shared mask, through the extension when `use_ext`."""
+    return backends.ext_ops().dropout_forward(t, seed, p) if use_ext else dropout_ref(t, p, seed)
+
+
 def _dh_and_dropped(h2d, d_pre, w_down, residual_grad, p, seed, use_ext, need_dh):
     """(dh, dropout(h)): dh = residual_grad + mask/(1-p) * (d_pre @ w_down), one mask for both."""
     if p == 0.0:
@@ -102,12 +107,12 @@ def _dh_and_dropped(h2d, d_pre, w_down, residual_grad, p, seed, use_ext, need_dh
             return d_pre.mm(w_down), h2d
         return torch.addmm(residual_grad, d_pre, w_down), h2d
     if not need_dh:
-        return None, _ext_module().dropout_forward(h2d, seed, p) if use_ext else dropout_ref(h2d, p, seed)
+        return None, _dropout(h2d, p, seed, use_ext)
     # Masking a fresh [rows, d] product twice (it, then h) and adding dy beats one fused pass that updates a
     # copy of dy in place: the copy costs as much as the add, and the fused pass reads three [rows, d] tensors.
     through = d_pre.mm(w_down)
     if use_ext:
-        dh, dropped = _ext_module().dropout_forward(through, seed, p), _ext_module().dropout_forward(h2d, seed, p)
+        dh, dropped = _dropout(through, p, seed, True), _dropout(h2d, p, seed, True)
     else:
         factor = keep_mask(seed, h2d.shape[0], h2d.shape[1], p, h2d.device).to(h2d.dtype)
         scale = 1.0 / (1.0 - p)
@@ -141,12 +146,6 @@ class BottleneckAdapterTriton(torch.autograd.Function):
         return (dh, cast(dw_down, w_down, need_dw_down), cast(db_down, w_down, need_db_down and has_b_down),
                 cast(dw_up, w_up, need_dw_up), cast(db_up, w_up, need_db_up and has_b_up),
                 (dy if need_dr else None), None, None, None, None)
-
-
-def _ext_module():
-    from fastpeft import _ext
-
-    return _ext.load()
 
 
 def _validate(h, w_down, b_down, w_up, b_up, activation, scaling, residual, dropout_p, seed):

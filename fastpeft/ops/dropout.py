@@ -40,7 +40,8 @@ def dropout_hash(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
     """The uint32 hash (as int64) of every position of a `[rows, cols]` input."""
     row = torch.arange(rows, device=device, dtype=torch.int64)
     col = torch.arange(cols, device=device, dtype=torch.int64)
-    row_key = _mix32(row ^ (seed & MASK32))
+    # The seed as a tensor: under torch.compile it may be symbolic, and inductor's C++ code cannot xor a symbol.
+    row_key = _mix32(row ^ (torch.full((), seed, dtype=torch.int64, device=device) & MASK32))
     return _mix32((row_key[:, None] + ((col * GOLDEN32) & MASK32)[None, :]) & MASK32)
 
 

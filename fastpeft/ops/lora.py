@@ -53,7 +53,7 @@ class LoraLinearTorch(torch.autograd.Function):
         elif use_ext:
             # bias + low-rank term written in one read of x (with the fp32 shrink), then the base GEMM accumulates
             # into it: the output is written once more, never read back for an add.
-            out, shrink = _ext_module().lora_lowrank_out(x2d, lora_a, lora_b, bias, scaling, seed, dropout_p)
+            out, shrink = backends.ext_ops().lora_lowrank_out(x2d, lora_a, lora_b, bias, scaling, seed, dropout_p)
             out.addmm_(x2d, weight.t())
         else:
             shrink = dropout_ref(x2d, dropout_p, seed).mm(lora_a.t())
@@ -76,7 +76,7 @@ class LoraLinearTorch(torch.autograd.Function):
                 da, db = LoraLinearTorch._factor_grads(x2d, dy, lora_a, lora_b, scaling, use_ext)
         elif use_ext:
             # One read of dy gives G = s dy B and dB; one read of x gives dA and the masked G A.
-            ext = _ext_module()
+            ext = backends.ext_ops()
             grad_lowrank, db = ext.lora_dy_pass(dy, lora_b, shrink, scaling)  # fp32 [M, r], [N, r]
             if need_dx:  # the masked G A written first (with dA), then the GEMM accumulates dy W into it
                 dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
@@ -102,7 +102,7 @@ class LoraLinearTorch(torch.autograd.Function):
     def _factor_grads(x2d, dy, lora_a, lora_b, scaling, use_ext):
         """dA = s (dy B)^T x and dB = s dy^T (x A^T) without dropout; the extension reads x and dy once for both."""
         if use_ext:
-            return _ext_module().lora_grad_pass(x2d, dy, lora_a, lora_b, scaling)
+            return backends.ext_ops().lora_grad_pass(x2d, dy, lora_a, lora_b, scaling)
         grad_lowrank = dy.mm(lora_b).mul_(scaling)
         return x2d.t().mm(grad_lowrank).t(), dy.t().mm(x2d.mm(lora_a.t())).mul_(scaling)
 
@@ -138,12 +138,6 @@ class LoraLinearTriton(torch.autograd.Function):
         dw = dy.t().mm(x2d) if need_dw else None
         dbias = dy.sum(0) if need_dbias and has_bias else None
         return dx, dw, dbias, da, db, None, None, None
-
-
-def _ext_module():
-    # Only reached after backends.choose picked "ext", which loaded the library; reading torch.ops directly keeps
-    # torch.compile from tracing the loader.
-    return torch.ops.fastpeft
 
 
 def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):

@@ -91,7 +91,7 @@ def _gather_pays(a, b, indices) -> bool:
 
 def _sddmm(a, b, indices, name):
     if name == "ext":
-        return _ext_module().sddmm(a, b, indices)
+        return backends.ext_ops().sddmm(a, b, indices)
     if name == "triton":
         from fastpeft.kernels import sparse_delta as kernels
 
@@ -104,19 +104,13 @@ def _sddmm(a, b, indices, name):
 def _scatter(weight, base_values, values, indices, name):
     """The torch backend is the reference: one index_put is what PyTorch has for this."""
     if name == "ext":
-        _ext_module().scatter_delta_(weight, base_values, values, indices)
+        backends.ext_ops().scatter_delta_(weight, base_values, values, indices)
     elif name == "triton":
         from fastpeft.kernels import sparse_delta as kernels
 
         kernels.scatter_delta_(weight, base_values, values, indices)
     else:
         scatter_delta_ref(weight, base_values, values, indices)
-
-
-def _ext_module():
-    # Only reached after backends.choose picked "ext", which loaded the library; reading torch.ops directly keeps
-    # torch.compile from tracing the loader.
-    return torch.ops.fastpeft
 
 
 class SparseDeltaLinearFn(torch.autograd.Function):
