@@ -4,6 +4,7 @@
 //                                       s  = dropout_p(x) @ a^T, out = bias + scaling * s @ b^T    x  [M, K]
 //   lora_dy_pass(dy, b, s, scaling)     g  = scaling * dy @ b,  db = scaling * dy^T @ s           dy [M, N]
 //   lora_dx_pass_(x, g, a, dx, seed, p) da = g^T @ dropout_p(x), and dx += mask/(1-p) * (g @ a)   x  [M, K]
+//   lora_da_pass(x, g, a, seed, p)      da alone                                                  x  [M, K]
 //   lora_grad_pass(x, dy, a, b, scaling)  da and db without dropout, s and g recomputed per panel  x, dy
 //
 // with a [r, K], b [N, r] and the mask of csrc/dropout_hash.h (p == 0: no mask). BLAS runs these shapes (one
@@ -567,9 +568,9 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at:
           db_acc.sum(0).narrow(0, 0, N).narrow(1, 0, r).contiguous()};
 }
 
-at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
-                         const std::optional<at::Tensor>& dx, int64_t seed, double p, bool accumulate) {
-  constexpr const char* op = "lora_dx_pass_";
+// da, and the masked G A into dx when given: the body of lora_dx_pass_ and lora_da_pass (`op` names the caller).
+at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
+                   const std::optional<at::Tensor>& dx, int64_t seed, double p, bool accumulate) {
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(g, "g", "[M, r]", op);
   check_float32(g, "g", op);
@@ -593,9 +594,9 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
   if (x.is_meta()) return at::empty({r, K}, f32);
   if (M == 0 || K == 0 || r == 0) return at::zeros({r, K}, f32);
   if (x.scalar_type() == at::kHalf) {  // fp32 arithmetic, dx rounded once to half
-    if (!dx.has_value()) return lora_dx_pass_(x.to(at::kFloat), g, a, std::nullopt, seed, p, accumulate);
+    if (!dx.has_value()) return dx_pass(op, x.to(at::kFloat), g, a, std::nullopt, seed, p, accumulate);
     auto dx_float = accumulate ? dx->to(at::kFloat) : at::empty(dx->sizes(), f32);
-    auto da = lora_dx_pass_(x.to(at::kFloat), g, a, dx_float, seed, p, accumulate);
+    auto da = dx_pass(op, x.to(at::kFloat), g, a, dx_float, seed, p, accumulate);
     dx->copy_(dx_float);
     return da;
   }
@@ -607,7 +608,7 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
   const HashMask mask(seed, p);
   const Chunks chunks(M, (with_dx ? 2 : 1) * K * r);
   auto da_acc = at::zeros({chunks.count, cols, r_pad}, f32);  // transposed: [K, r] per chunk
-  FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
+  FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dx_pass", [&] {
     const auto xs = strided<scalar_t>(x);
     scalar_t* dx_ptr = with_dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
@@ -620,11 +621,22 @@ at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Ten
   return da_acc.sum(0).narrow(0, 0, K).narrow(1, 0, r).t().contiguous();
 }
 
+at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, const at::Tensor& dx,
+                         int64_t seed, double p, bool accumulate) {
+  return dx_pass("lora_dx_pass_", x, g, a, dx, seed, p, accumulate);
+}
+
+// A separate op rather than lora_dx_pass_ with no dx: inductor mishandles a mutable argument that is None.
+at::Tensor lora_da_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, int64_t seed, double p) {
+  return dx_pass("lora_da_pass", x, g, a, std::nullopt, seed, p, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("lora_dy_pass(Tensor dy, Tensor b, Tensor s, float scaling) -> (Tensor, Tensor)");
-  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!)? dx, SymInt seed, float p, bool accumulate=True) -> Tensor");
+  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!) dx, SymInt seed, float p, bool accumulate=True) -> Tensor");
+  m.def("lora_da_pass(Tensor x, Tensor g, Tensor a, SymInt seed, float p) -> Tensor");
   m.def("lora_lowrank_out(Tensor x, Tensor a, Tensor b, Tensor? bias, float scaling, SymInt seed, float p) -> (Tensor, Tensor)");
   m.def("lora_grad_pass(Tensor x, Tensor dy, Tensor a, Tensor b, float scaling) -> (Tensor, Tensor)");
 }
@@ -632,6 +644,7 @@ TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
 TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("lora_dy_pass", &lora_dy_pass);
   m.impl("lora_dx_pass_", &lora_dx_pass_);
+  m.impl("lora_da_pass", &lora_da_pass);
   m.impl("lora_lowrank_out", &lora_lowrank_out);
   m.impl("lora_grad_pass", &lora_grad_pass);
 }

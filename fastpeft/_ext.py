@@ -120,6 +120,11 @@ def _with_seeded_fakes(ops):
         same_device("lora_dx_pass_", x, g=g, a=a, dx=dx)
         return x.new_empty(a.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("fastpeft::lora_da_pass")
+    def _(x, g, a, seed, p):
+        same_device("lora_da_pass", x, g=g, a=a)
+        return x.new_empty(a.shape, dtype=torch.float32)
+
     @torch.library.register_fake("fastpeft::dropout_forward")
     def _(x, seed, p):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

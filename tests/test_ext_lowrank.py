@@ -78,7 +78,8 @@ def test_dy_pass_gives_g_and_db(ext, m, n, r, dtype, layout, scaling, data_seed)
        data_seed=st.integers(0, 2**31))
 def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dtype, layout, with_dx, accumulate,
                                                       data_seed):
-    """accumulate=False writes the masked G A over dx, whose values are then never read."""
+    """accumulate=False writes the masked G A over dx, whose values are then never read; lora_da_pass is the same
+    pass without dx."""
     x = make_2d(m, k, dtype, layout, data_seed)
     g = make_2d(m, r, torch.float32, "contiguous", data_seed + 1)
     a = make_2d(r, k, dtype, "contiguous", data_seed + 2)
@@ -88,7 +89,10 @@ def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dty
     if dx is not None and not accumulate:
         dx.fill_(float("nan"))
 
-    da = ext.lora_dx_pass_(x, g, a, dx, seed, p, accumulate=accumulate)
+    if dx is None:
+        da = ext.lora_da_pass(x, g, a, seed, p)
+    else:
+        da = ext.lora_dx_pass_(x, g, a, dx, seed, p, accumulate=accumulate)
 
     xd = dropped(x, p, seed)
     assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
@@ -127,7 +131,7 @@ def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
     g, db = ext.lora_dy_pass(dy, b, s, 2.0)
     assert_fp32_sum(g, 2.0 * dy.double() @ b.double(), 2.0 * dy.double().abs() @ b.double().abs())
     assert_fp32_sum(db, 2.0 * dy.double().t() @ s.double(), 2.0 * dy.double().abs().t() @ s.double().abs())
-    da = ext.lora_dx_pass_(x, g, a, None, seed, p)
+    da = ext.lora_da_pass(x, g, a, seed, p)
     assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
     da, db = ext.lora_grad_pass(x, dy, a, b, 2.0)
     x64, dy64, a64, b64 = x.double(), dy.double(), a.double(), b.double()
@@ -165,7 +169,7 @@ def test_empty_and_meta_inputs(ext):
     assert torch.equal(s, torch.zeros(4, 3)) and torch.equal(out, torch.ones(4, 2))
     g, db = ext.lora_dy_pass(torch.empty(0, 6), torch.randn(6, 2), torch.empty(0, 2), 1.0)
     assert g.shape == (0, 2) and torch.equal(db, torch.zeros(6, 2))
-    assert torch.equal(ext.lora_dx_pass_(torch.empty(0, 5), torch.empty(0, 2), torch.randn(2, 5), None, 1, 0.1),
+    assert torch.equal(ext.lora_da_pass(torch.empty(0, 5), torch.empty(0, 2), torch.randn(2, 5), 1, 0.1),
                        torch.zeros(2, 5))
     x = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
     out, s = ext.lora_lowrank_out(x, torch.empty(3, 7, device="meta", dtype=torch.bfloat16),
@@ -193,7 +197,7 @@ def test_ops_pass_torch_library_opcheck(ext, dtype, p):
     torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, make_2d(1, 4, dtype, "contiguous", 7)[0], 2.0, 3, p))
     torch.library.opcheck(torch.ops.fastpeft.lora_dy_pass.default, (dy, b, s, 2.0))
     torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p))
-    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, None, 3, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_da_pass.default, (x, g, a, 3, p))
     torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p, False))
     torch.library.opcheck(torch.ops.fastpeft.lora_grad_pass.default, (x, dy, a, b, 2.0))
 
@@ -219,14 +223,14 @@ def _t(*shape, dtype=torch.float32):
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 3), 1.0), "s of shape .* must have r"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 2, dtype=torch.bfloat16), 1.0), "s dtype must be float32"),
     (lambda e: e.lora_dy_pass(_t(4), _t(3, 2), _t(4, 2), 1.0), "dy must be 2-D"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 5), None, 0, 0.1), "a of shape .* must have K"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(5, 2), _t(2, 3), None, 0, 0.1), "g of shape .* must have M"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(3, 3), None, 0, 0.1), "a of shape .* must have r"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2, dtype=torch.bfloat16), _t(2, 3), None, 0, 0.1), "g dtype"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 5), 0, 0.1), "a of shape .* must have K"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(5, 2), _t(2, 3), 0, 0.1), "g of shape .* must have M"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(3, 3), 0, 0.1), "a of shape .* must have r"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2, dtype=torch.bfloat16), _t(2, 3), 0, 0.1), "g dtype"),
     (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 4), 0, 0.1), "dx shape"),
     (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 3, dtype=torch.bfloat16), 0, 0.1), "dx dtype"),
     (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 4).t(), 0, 0.1), "dx must be contiguous"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), None, 0, -0.5), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 3), 0, -0.5), "p must satisfy 0 <= p < 1"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(5, 2), _t(2, 3), _t(2, 2), 1.0), "dy of shape .* must have M"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 5), _t(2, 2), 1.0), "a of shape .* must have K"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 2), 1.0), "b of shape .* must have N"),

@@ -76,18 +76,23 @@ def test_compiled_module_draws_a_fresh_seed_per_call(make, backend, monkeypatch)
     assert any(op.startswith("fastpeft.") for op in seen) == (backend == "ext"), seen
 
 
+@pytest.mark.parametrize("x_needs_grad", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "ext"])
-def test_inductor_compiles_lora_dropout(backend, monkeypatch):
-    """The default compiler too: inductor generates C++ for the torch backend's mask hashing (a symbolic seed in
-    its integer arithmetic once broke that) and calls the extension's ops as opaque kernels."""
+def test_inductor_compiles_lora_dropout(backend, x_needs_grad, monkeypatch):
+    """The default compiler too, forward and backward: inductor generates C++ for the torch backend's mask hashing
+    (a symbolic seed in its integer arithmetic once broke that) and calls the extension's ops as opaque kernels
+    (with no dx to write, e.g. a model's first layer, the backward once hit an inductor bug; see lora_da_pass)."""
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer, x = _lora_layer(), torch.randn(3, 10, 24)
+    layer, x = _lora_layer(), torch.randn(3, 10, 24, requires_grad=x_needs_grad)
+    inputs = [x] * x_needs_grad + [p for p in layer.parameters() if p.requires_grad]
     compiled = torch.compile(layer, fullgraph=True)
     with torch._inductor.config.patch(fallback_random=True):  # the seed drawn from torch's generator, as in eager
-        outputs = []
+        results = []
         for fn in (compiled, layer):
             torch.manual_seed(1)
-            outputs.append(fn(x))
-    torch.testing.assert_close(*outputs)
+            y = fn(x)
+            results.append((y, *torch.autograd.grad(y.square().sum(), inputs)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

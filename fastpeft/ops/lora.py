@@ -83,7 +83,7 @@ class LoraLinearTorch(torch.autograd.Function):
                 da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, dx, seed, dropout_p, accumulate=False)
                 dx.addmm_(dy, weight)
             elif need_da:
-                da = ext.lora_dx_pass_(x2d, grad_lowrank, lora_a, None, seed, dropout_p)
+                da = ext.lora_da_pass(x2d, grad_lowrank, lora_a, seed, dropout_p)
         else:
             grad_lowrank, db = dy.mm(lora_b).mul_(scaling), dy.t().mm(shrink).mul_(scaling)  # [M, r], [N, r]
             if need_dx and dropout_p == 0.0:
