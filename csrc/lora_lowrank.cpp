@@ -226,8 +226,8 @@ FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, c
         for (int64_t v = 0; v < kXV; ++v) {
           float* o = out + i * out_ld + v * kLanes;
           const Vec term = factors != nullptr ? acc[i][v] * load(factors + i * f_ld + v * kLanes) : acc[i][v];
-          const Vec start = into.accumulate ? load(o) : into.base != nullptr ? load(into.base + v * kLanes) : Vec{};
-          store(o, start + term);
+          if (into.accumulate) store(o, load(o) + term);
+          else stream(o, (into.base != nullptr ? load(into.base + v * kLanes) : Vec{}) + term);
         }
       }
       return;
@@ -281,6 +281,7 @@ FASTPEFT_INLINE void lowrank_out_chunk_body(const Strided<T> x, int64_t K, int64
                          ExpandInto{false, bias != nullptr ? bias + c0 : nullptr}, std::min(kXR, rows - i0),
                          std::min(kXCols, N - c0), none);
   }
+  stream_fence();
 }
 FASTPEFT_DISPATCHED(lowrank_out_chunk)
 
@@ -359,22 +360,25 @@ FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g
     const int64_t rows = std::min(kBlockRows, m1 - m);
     load_panel(x, m, rows, rows, K, ld, mask, masked, panel, keep_factors ? factors : nullptr);
     const int64_t next_rows = std::min(kBlockRows, m1 - m - kBlockRows);
-    // while da's blocks run: this panel's dx rows (about to be updated), else the next panel's x rows
-    RowPrefetcher first = dx != nullptr ? RowPrefetcher(dx, K, 1, m, rows, K, 1)
-                                        : RowPrefetcher(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
+    // while da's blocks run: this panel's dx rows when they are to be read and updated, else the next panel's x
+    // rows (dx written over is streamed past the caches); while the dx blocks run: the next x rows if not yet
+    const bool read_dx = dx != nullptr && accumulate;
+    const RowPrefetcher next_x(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
+    RowPrefetcher first = read_dx ? RowPrefetcher(dx, K, 1, m, rows, K, 1) : next_x;
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
       for (int64_t c0 = 0; c0 < cols; c0 += kMC)
         rank_block<decltype(nv)::value>(panel + c0, ld, rows, g + m * r_pad + j0, r_pad, da + c0 * r_pad + j0, r_pad,
                                         first);
     });
     if (dx == nullptr) continue;
-    RowPrefetcher second(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
+    RowPrefetcher second = read_dx ? next_x : RowPrefetcher();
     for (int64_t i0 = 0; i0 < rows; i0 += kXR)  // g's rows past M are zero (padded)
       for (int64_t c0 = 0; c0 < K; c0 += kXCols)
         expand_add_block(g + (m + i0) * r_pad, r_pad, r, a + c0, cols, dx + (m + i0) * K + c0, K,
                          keep_factors ? factors + i0 * ld + c0 : nullptr, ld, ExpandInto{accumulate, nullptr},
                          std::min(kXR, rows - i0), std::min(kXCols, K - c0), second);
   }
+  stream_fence();
 }
 FASTPEFT_DISPATCHED(dx_chunk)
 
