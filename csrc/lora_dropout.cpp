@@ -5,10 +5,10 @@
 // Rows are split over torch's thread pool with at::parallel_for, so torch.set_num_threads governs them.
 //
 // The ops are registered in the `fastpeft` torch.library namespace (callable as torch.ops.fastpeft.*,
-// visible to torch.compile). One CompositeExplicitAutograd kernel serves CPU tensors and, for tracing,
-// meta tensors (shapes only); any other device fails the device check with a message.
-// Seeds are SymInts in the schemas: under torch.compile a seed drawn inside the graph is symbolic while tracing
-// (an `int` argument would have to be specialized, and cannot be). The meta path returns before reading it.
+// visible to torch.compile). One CompositeExplicitAutograd kernel serves CPU tensors and meta tensors (shapes
+// only); any other device fails the device check with a message. Seeds are SymInts in the schemas: under
+// torch.compile a seed drawn inside the graph is symbolic while tracing, which an `int` argument cannot take; the
+// ops that take one trace through the fake kernels of fastpeft/_ext.py (an int64 kernel cannot take it either).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -78,32 +78,42 @@ def load():
     if os.environ.get("FASTPEFT_NO_EXT") == "1":
         return None
     causes = []
-    library = _aot_library()
-    if library is not None:
-        try:
-            torch.ops.load_library(library)
-            return _with_seeded_fakes(torch.ops.fastpeft)
-        except OSError as error:  # e.g. built against another torch
-            causes.append(f"the built {library} does not load ({error}); ")
-    try:
-        _jit_build()
-        return _with_seeded_fakes(torch.ops.fastpeft)
-    except Exception as error:  # any build failure means: no extension, say why
-        message = str(error).strip()
-        if len(message) > 2000:
-            message = message[:1000] + "\n...\n" + message[-1000:]
-        causes.append(f"JIT build failed: {type(error).__name__}: {message}")
+    if _load_library(causes):
+        _register_seeded_fakes()
+        return torch.ops.fastpeft
     warnings.warn(f"fastpeft: compiled CPU extension unavailable, using the torch backend: {''.join(causes)}",
                   RuntimeWarning, stacklevel=2)
     return None
 
 
-def _with_seeded_fakes(ops):
-    """Registers the fake kernels of the ops that take a dropout seed, and returns `ops`.
+def _load_library(causes: list[str]) -> bool:
+    """Load the ahead-of-time build, else the JIT build; False (with what went wrong added to `causes`) if neither."""
+    library = _aot_library()
+    if library is not None:
+        try:
+            torch.ops.load_library(library)
+            return True
+        except OSError as error:  # e.g. built against another torch
+            causes.append(f"the built {library} does not load ({error}); ")
+    try:
+        _jit_build()
+        return True
+    except Exception as error:  # any build failure means: no extension, say why
+        message = str(error).strip()
+        if len(message) > 2000:
+            message = message[:1000] + "\n...\n" + message[-1000:]
+        causes.append(f"JIT build failed: {type(error).__name__}: {message}")
+    return False
 
-    Under torch.compile a seed drawn inside the graph is an unbacked SymInt while tracing; the C++ kernels (which
-    also serve meta tensors) take an int64 and would have to guard on it, so tracing runs these instead. They give
-    shapes and dtypes, and check devices as the C++ kernels do (meta tensors mixed with others dispatch here)."""
+
+@functools.cache  # once per process: a second registration is an error
+def _register_seeded_fakes() -> None:
+    """Fake kernels of the ops that take a dropout seed, used while torch.compile traces them.
+
+    A seed drawn inside a compiled graph is an unbacked SymInt while tracing; the C++ kernels take an int64 and
+    the dispatcher would have to turn the SymInt into one, which it cannot. These give shapes and dtypes, and
+    check devices as the C++ kernels do (meta tensors mixed with others dispatch here); the ops' callers have
+    validated everything else."""
 
     def same_device(op, x, **others):
         for name, t in others.items():
@@ -128,8 +138,6 @@ def _with_seeded_fakes(ops):
     @torch.library.register_fake("fastpeft::dropout_forward")
     def _(x, seed, p):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    return ops
 
 
 def available() -> bool:

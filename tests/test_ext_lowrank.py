@@ -139,6 +139,26 @@ def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
     assert_fp32_sum(db, 2.0 * dy64.t() @ (x64 @ a64.t()), 2.0 * dy64.abs().t() @ (x64.abs() @ a64.abs().t()))
 
 
+@pytest.mark.parametrize("width", [768, 771])  # rows 16-byte aligned, or not (plain stores in between)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_outputs_past_16_mib_are_streamed_with_the_same_bits(ext, width, p):
+    """Past 16 MiB moved, lowrank_out's out and lora_dx_pass_'s dx are written with streaming stores: every row
+    has the bits that the cached path gives it (rows are computed independently; the mask keys on the row)."""
+    m, r, seed, head = 2900, 8, 5, 64  # fp32 x and output 8.9 MB each
+    x, a = make_2d(m, width, torch.float32, "contiguous", 1), make_2d(r, width, torch.float32, "contiguous", 2)
+    b, bias = make_2d(width, r, torch.float32, "contiguous", 3), make_2d(1, width, torch.float32, "contiguous", 4)[0]
+    g = make_2d(m, r, torch.float32, "contiguous", 5)
+    out, _ = ext.lora_lowrank_out(x, a, b, bias, 2.0, seed, p)
+    out_head, _ = ext.lora_lowrank_out(x[:head], a, b, bias, 2.0, seed, p)
+    assert torch.equal(out[:head], out_head)
+    dx, dx_head = torch.full_like(x, float("nan")), torch.empty(head, width)
+    ext.lora_dx_pass_(x, g, a, dx, seed, p, accumulate=False)
+    ext.lora_dx_pass_(x[:head], g[:head], a, dx_head, seed, p, accumulate=False)
+    assert torch.equal(dx[:head], dx_head)
+    assert not dx.isnan().any()
+    torch.testing.assert_close(dx, dropped(g.double() @ a.double(), p, seed).float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_results_are_deterministic_for_a_thread_count(ext, threads):
     m, k, n, r, p, seed = 517, 300, 200, 16, 0.1, 5

@@ -1,5 +1,6 @@
-"""torch.compile traces the LoRA and adapter ops whole (the extension's ops are registered custom ops with meta
-kernels), including a dropout seed drawn inside the compiled code."""
+"""torch.compile traces the LoRA and adapter ops whole (the extension's ops are registered custom ops with fake
+kernels), including a dropout seed drawn inside the compiled code. `capture_scalar_outputs` keeps that draw (an
+`.item()`) in the graph; torch 2.13 does so under fullgraph anyway, older releases only with the flag."""
 import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -63,7 +64,7 @@ def test_compiled_module_draws_a_fresh_seed_per_call(make, backend, monkeypatch)
         grads = torch.autograd.grad(first.square().sum(), [p for p in module.parameters() if p.requires_grad])
         return first, second, grads
 
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True, capture_scalar_outputs=True):
         for seed in (1, 2):
             got_first, got_second, got_grads = run(compiled, seed)
             want_first, want_second, want_grads = run(module, seed)
@@ -88,7 +89,8 @@ def test_inductor_compiles_lora_dropout(backend, x_needs_grad, monkeypatch):
     layer, x = _lora_layer(), torch.randn(3, 10, 24, requires_grad=x_needs_grad)
     inputs = [x] * x_needs_grad + [p for p in layer.parameters() if p.requires_grad]
     compiled = torch.compile(layer, fullgraph=True)
-    with torch._inductor.config.patch(fallback_random=True):  # the seed drawn from torch's generator, as in eager
+    # fallback_random: the seed drawn from torch's generator, as in eager
+    with torch._inductor.config.patch(fallback_random=True), torch._dynamo.config.patch(capture_scalar_outputs=True):
         results = []
         for fn in (compiled, layer):
             torch.manual_seed(1)
