@@ -26,7 +26,8 @@
 // the rate of MKL's large square GEMMs; against MKL's thin GEMMs s = x a^T 1.4x, g + db 1.6x, da 1.2x faster. The
 // former 4-row kernels without FMA or prefetch were 1.2x (s) to 2.7x (dx with dropout) slower than these. The
 // forward writes bias + low-rank term and the backward the masked G A before the base GEMM accumulates into
-// them (1-4 ms less per step than adding them to its output, which reads that [M, N] tensor back).
+// them (1-4 ms less per step than adding them to its output, which reads that [M, N] tensor back); past 16 MiB
+// those writes stream past the caches (streams_output), so no line of them is read in first.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
