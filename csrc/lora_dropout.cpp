@@ -6,15 +6,14 @@
 //
 // The ops are registered in the `fastpeft` torch.library namespace (callable as torch.ops.fastpeft.*,
 // visible to torch.compile). One CompositeExplicitAutograd kernel serves CPU tensors and meta tensors (shapes
-// only); any other device fails the device check with a message. Seeds are SymInts in the schemas: under
-// torch.compile a seed drawn inside the graph is symbolic while tracing, which an `int` argument cannot take; the
-// ops that take one trace through the fake kernels of fastpeft/_ext.py (an int64 kernel cannot take it either).
+// only); any other device fails the device check with a message. Dropout seeds are tensors (csrc/seed.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "dropout_hash.h"
+#include "seed.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -81,10 +80,11 @@ void check_rows(int64_t rows, const char* op) {
 }
 
 // xd = x * keep / (1-p), contiguous, in x's dtype (the fp32 product rounded once to it).
-at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p) {
+at::Tensor dropout_forward(const at::Tensor& x, const at::Tensor& seed, double p) {
   constexpr const char* op = "dropout_forward";
   check_2d(x, "x", op);
   check_p(p, op);
+  check_seed(seed, op);
   check_rows(x.size(0), op);
   auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.is_meta() || x.numel() == 0) return xd;
@@ -92,7 +92,7 @@ at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p) {
     return dropout_forward(x.to(at::kFloat), seed, p).to(at::kHalf);
   }
 
-  const HashMask mask(seed, p);
+  const HashMask mask(seed.item<int64_t>(), p);
   const int64_t K = x.size(1);
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -123,7 +123,7 @@ at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optio
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
-  m.def("dropout_forward(Tensor x, SymInt seed, float p) -> Tensor");
+  m.def("dropout_forward(Tensor x, Tensor seed, float p) -> Tensor");
   m.def("dropout_mask(int seed, int M, int K, float p, *, Device? device=None) -> Tensor");
 }
 

@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include "dropout_hash.h"
+#include "seed.h"
 #include "vec8.h"
 
 #include <algorithm>
@@ -459,8 +460,8 @@ at::Tensor padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_p
 // output (the base GEMM then accumulates into it), and the fp32 shrink s = dropout_p(x) @ a^T, in one read of x.
 // (`for_gemm`: out is the op's result, read next by the GEMM, not a temporary read back at once.)
 std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                                               const std::optional<at::Tensor>& bias, double scaling, int64_t seed,
-                                               double p, bool for_gemm) {
+                                               const std::optional<at::Tensor>& bias, double scaling,
+                                               const at::Tensor& seed, double p, bool for_gemm) {
   constexpr const char* op = "lora_lowrank_out";
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(a, "a", "[r, K]", op);
@@ -476,6 +477,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
     check_device(*bias, "bias", x, "x", op);
   }
   check_dropout(p, M, op);
+  check_seed(seed, op);
   auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto s = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (x.is_meta() || (out.numel() == 0 && s.numel() == 0)) return {out, s};
@@ -488,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
   const auto bs = padded_float(b.t(), r, panel_columns(N), scaling);
   const auto bias32 = bias.has_value() ? std::optional<at::Tensor>(padded_float(bias->view({1, N}), 1, panel_columns(N)))
                                        : std::nullopt;
-  const HashMask mask(seed, p);
+  const HashMask mask(seed.item<int64_t>(), p);
   const Chunks chunks(M, (K + N) * r);
   const bool stream_out = for_gemm && streams_output(x.nbytes() + out.nbytes());
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
@@ -506,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> lora_lowrank_out(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                                                     const std::optional<at::Tensor>& bias, double scaling,
-                                                    int64_t seed, double p) {
+                                                    const at::Tensor& seed, double p) {
   return lowrank_out(x, a, b, bias, scaling, seed, p, true);
 }
 
@@ -594,7 +596,8 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at:
 // da, and the masked G A into dx when given: the body of lora_dx_pass_ and lora_da_pass (`op` names the caller;
 // `for_gemm`: dx is the op's, read next by the GEMM, not a temporary read back at once).
 at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
-                   const std::optional<at::Tensor>& dx, int64_t seed, double p, bool accumulate, bool for_gemm) {
+                   const std::optional<at::Tensor>& dx, const at::Tensor& seed, double p, bool accumulate,
+                   bool for_gemm) {
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(g, "g", "[M, r]", op);
   check_float32(g, "g", op);
@@ -613,6 +616,7 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
     TORCH_CHECK(dx->is_contiguous(), op, ": dx must be contiguous, got strides ", dx->strides());
   }
   check_dropout(p, x.size(0), op);
+  check_seed(seed, op);
   const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
   if (x.is_meta()) return at::empty({r, K}, f32);
@@ -629,7 +633,7 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
   const int64_t r_pad = round_up(r, kLanes), cols = panel_columns(K);
   const auto a32 = padded_float(a, r, cols);
   const auto g32 = padded_float(g, round_up(M, kXR), r_pad);
-  const HashMask mask(seed, p);
+  const HashMask mask(seed.item<int64_t>(), p);
   const Chunks chunks(M, (with_dx ? 2 : 1) * K * r);
   auto da_acc = at::zeros({chunks.count, cols, r_pad}, f32);  // transposed: [K, r] per chunk
   const bool stream_dx = with_dx && !accumulate && for_gemm && streams_output(x.nbytes() + dx->nbytes());
@@ -648,12 +652,13 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
 }
 
 at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, const at::Tensor& dx,
-                         int64_t seed, double p, bool accumulate) {
+                         const at::Tensor& seed, double p, bool accumulate) {
   return dx_pass("lora_dx_pass_", x, g, a, dx, seed, p, accumulate, true);
 }
 
 // A separate op rather than lora_dx_pass_ with no dx: inductor mishandles a mutable argument that is None.
-at::Tensor lora_da_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, int64_t seed, double p) {
+at::Tensor lora_da_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, const at::Tensor& seed,
+                        double p) {
   return dx_pass("lora_da_pass", x, g, a, std::nullopt, seed, p, false, false);
 }
 
@@ -661,9 +666,9 @@ at::Tensor lora_da_pass(const at::Tensor& x, const at::Tensor& g, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(fastpeft, m) {
   m.def("lora_dy_pass(Tensor dy, Tensor b, Tensor s, float scaling) -> (Tensor, Tensor)");
-  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!) dx, SymInt seed, float p, bool accumulate=True) -> Tensor");
-  m.def("lora_da_pass(Tensor x, Tensor g, Tensor a, SymInt seed, float p) -> Tensor");
-  m.def("lora_lowrank_out(Tensor x, Tensor a, Tensor b, Tensor? bias, float scaling, SymInt seed, float p) -> (Tensor, Tensor)");
+  m.def("lora_dx_pass_(Tensor x, Tensor g, Tensor a, Tensor(a!) dx, Tensor seed, float p, bool accumulate=True) -> Tensor");
+  m.def("lora_da_pass(Tensor x, Tensor g, Tensor a, Tensor seed, float p) -> Tensor");
+  m.def("lora_lowrank_out(Tensor x, Tensor a, Tensor b, Tensor? bias, float scaling, Tensor seed, float p) -> (Tensor, Tensor)");
   m.def("lora_grad_pass(Tensor x, Tensor dy, Tensor a, Tensor b, float scaling) -> (Tensor, Tensor)");
 }
 

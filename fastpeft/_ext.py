@@ -79,7 +79,6 @@ def load():
         return None
     causes = []
     if _load_library(causes):
-        _register_seeded_fakes()
         return torch.ops.fastpeft
     warnings.warn(f"fastpeft: compiled CPU extension unavailable, using the torch backend: {''.join(causes)}",
                   RuntimeWarning, stacklevel=2)
@@ -104,40 +103,6 @@ def _load_library(causes: list[str]) -> bool:
             message = message[:1000] + "\n...\n" + message[-1000:]
         causes.append(f"JIT build failed: {type(error).__name__}: {message}")
     return False
-
-
-@functools.cache  # once per process: a second registration is an error
-def _register_seeded_fakes() -> None:
-    """Fake kernels of the ops that take a dropout seed, used while torch.compile traces them.
-
-    A seed drawn inside a compiled graph is an unbacked SymInt while tracing; the C++ kernels take an int64 and
-    the dispatcher would have to turn the SymInt into one, which it cannot. These give shapes and dtypes, and
-    check devices as the C++ kernels do (meta tensors mixed with others dispatch here); the ops' callers have
-    validated everything else."""
-
-    def same_device(op, x, **others):
-        for name, t in others.items():
-            if t is not None and t.device != x.device:
-                raise RuntimeError(f"{op}: {name} device {t.device} must match x device {x.device}")
-
-    @torch.library.register_fake("fastpeft::lora_lowrank_out")
-    def _(x, a, b, bias, scaling, seed, p):
-        same_device("lora_lowrank_out", x, a=a, b=b, bias=bias)
-        return x.new_empty((x.shape[0], b.shape[0])), x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)
-
-    @torch.library.register_fake("fastpeft::lora_dx_pass_")
-    def _(x, g, a, dx, seed, p, accumulate=True):
-        same_device("lora_dx_pass_", x, g=g, a=a, dx=dx)
-        return x.new_empty(a.shape, dtype=torch.float32)
-
-    @torch.library.register_fake("fastpeft::lora_da_pass")
-    def _(x, g, a, seed, p):
-        same_device("lora_da_pass", x, g=g, a=a)
-        return x.new_empty(a.shape, dtype=torch.float32)
-
-    @torch.library.register_fake("fastpeft::dropout_forward")
-    def _(x, seed, p):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def available() -> bool:

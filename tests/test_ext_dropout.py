@@ -66,7 +66,7 @@ def test_mask_is_the_reference_mask(ext, seed, rows, cols, p):
        layout=st.sampled_from(LAYOUTS), data_seed=st.integers(0, 2**31))
 def test_forward_is_masked_scaled_input(ext, seed, rows, cols, p, dtype, layout, data_seed):
     x = make_2d(rows, cols, dtype, layout, data_seed)
-    xd = ext.dropout_forward(x, seed, p)
+    xd = ext.dropout_forward(x, torch.tensor(seed), p)
     assert xd.dtype == dtype and xd.shape == x.shape and xd.is_contiguous()
     assert torch.equal(xd, expected_dropout(x, keep_mask(seed, rows, cols, p), p))
     if dtype == torch.float32:
@@ -82,20 +82,20 @@ def test_rows_split_over_threads_give_the_same_bits(ext, threads):
     torch.set_num_threads(threads)
     try:
         assert torch.equal(ext.dropout_mask(seed, rows, cols, p), mask)
-        xd = ext.dropout_forward(x, seed, p)
+        xd = ext.dropout_forward(x, torch.tensor(seed), p)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(xd, dropout_ref(x, p, seed))
 
 
 def test_empty_input(ext):
-    assert ext.dropout_forward(torch.empty(0, 5), 1, 0.5).shape == (0, 5)
+    assert ext.dropout_forward(torch.empty(0, 5), torch.tensor(1), 0.5).shape == (0, 5)
     assert ext.dropout_mask(1, 3, 0, 0.5).shape == (3, 0)
 
 
 def test_meta_tensors_give_shapes_for_tracing(ext):
     x = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
-    xd = ext.dropout_forward(x, 3, 0.1)
+    xd = ext.dropout_forward(x, torch.tensor(3), 0.1)
     assert xd.shape == (5, 7) and xd.device.type == "meta" and xd.dtype == torch.bfloat16
 
 
@@ -103,8 +103,11 @@ def test_meta_tensors_give_shapes_for_tracing(ext):
 def test_ops_pass_torch_library_opcheck(ext, dtype):
     """Schemas and meta (fake) kernels hold up under torch.compile's tracing."""
     x = make_2d(6, 5, dtype, "transposed", 1)
-    torch.library.opcheck(torch.ops.fastpeft.dropout_forward.default, (x, 3, 0.2))
+    torch.library.opcheck(torch.ops.fastpeft.dropout_forward.default, (x, torch.tensor(3), 0.2))
     torch.library.opcheck(torch.ops.fastpeft.dropout_mask.default, (3, 6, 5, 0.2))
+
+
+SEED = torch.tensor(0)  # the ops' seed: a one-element int64 tensor
 
 
 def _x(*shape, dtype=torch.float32):
@@ -112,12 +115,12 @@ def _x(*shape, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda e: e.dropout_forward(_x(2, 3, 4), 0, 0.1), "x must be 2-D"),
-    (lambda e: e.dropout_forward(_x(4), 0, 0.1), "x must be 2-D"),
-    (lambda e: e.dropout_forward(_x(2, 3, dtype=torch.float64), 0, 0.1), "x dtype must be float32, bfloat16 or"),
-    (lambda e: e.dropout_forward(_x(2, 3), 0, 1.0), "p must satisfy 0 <= p < 1"),
-    (lambda e: e.dropout_forward(_x(2, 3), 0, -0.1), "p must satisfy 0 <= p < 1"),
-    (lambda e: e.dropout_forward(_x(2, 3), 0, float("nan")), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.dropout_forward(_x(2, 3, 4), SEED, 0.1), "x must be 2-D"),
+    (lambda e: e.dropout_forward(_x(4), SEED, 0.1), "x must be 2-D"),
+    (lambda e: e.dropout_forward(_x(2, 3, dtype=torch.float64), SEED, 0.1), "x dtype must be float32, bfloat16 or"),
+    (lambda e: e.dropout_forward(_x(2, 3), SEED, 1.0), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.dropout_forward(_x(2, 3), SEED, -0.1), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.dropout_forward(_x(2, 3), SEED, float("nan")), "p must satisfy 0 <= p < 1"),
     (lambda e: e.dropout_mask(0, -1, 3, 0.1), "M and K must be >= 0"),
     (lambda e: e.dropout_mask(0, 2**32, 1, 0.1), "M must be below 2\\*\\*32"),
 ])

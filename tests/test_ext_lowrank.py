@@ -47,7 +47,7 @@ def test_lowrank_out_is_bias_plus_scaled_lowrank_term_and_gives_the_shrink(ext, 
     x = make_2d(m, k, dtype, layout, data_seed)
     a, b = make_2d(r, k, dtype, "contiguous", data_seed + 1), make_2d(n, r, dtype, "contiguous", data_seed + 2)
     bias = make_2d(1, n, dtype, "contiguous", data_seed + 3)[0] if with_bias else None
-    out, s = ext.lora_lowrank_out(x, a, b, bias, scaling, seed, p)
+    out, s = ext.lora_lowrank_out(x, a, b, bias, scaling, torch.tensor(seed), p)
     assert s.is_contiguous() and s.dtype == torch.float32 and out.is_contiguous() and out.dtype == dtype
     xd = dropped(x, p, seed)
     assert_fp32_sum(s, xd @ a.double().t(), xd.abs() @ a.double().abs().t())
@@ -90,9 +90,9 @@ def test_dx_pass_gives_da_and_adds_masked_g_a_into_dx(ext, seed, m, k, r, p, dty
         dx.fill_(float("nan"))
 
     if dx is None:
-        da = ext.lora_da_pass(x, g, a, seed, p)
+        da = ext.lora_da_pass(x, g, a, torch.tensor(seed), p)
     else:
-        da = ext.lora_dx_pass_(x, g, a, dx, seed, p, accumulate=accumulate)
+        da = ext.lora_dx_pass_(x, g, a, dx, torch.tensor(seed), p, accumulate=accumulate)
 
     xd = dropped(x, p, seed)
     assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
@@ -125,13 +125,13 @@ def test_large_shapes_cross_tiles_and_chunks(ext, dtype):
     m, k, n, r, p, seed = 203, 2100, 1500, 24, 0.1, 77
     x, dy = make_2d(m, k, dtype, "contiguous", 1), make_2d(m, n, dtype, "row-padded", 2)
     a, b = make_2d(r, k, dtype, "contiguous", 3), make_2d(n, r, dtype, "contiguous", 4)
-    _, s = ext.lora_lowrank_out(x, a, b, None, 2.0, seed, p)
+    _, s = ext.lora_lowrank_out(x, a, b, None, 2.0, torch.tensor(seed), p)
     xd = dropped(x, p, seed)
     assert_fp32_sum(s, xd @ a.double().t(), xd.abs() @ a.double().abs().t())
     g, db = ext.lora_dy_pass(dy, b, s, 2.0)
     assert_fp32_sum(g, 2.0 * dy.double() @ b.double(), 2.0 * dy.double().abs() @ b.double().abs())
     assert_fp32_sum(db, 2.0 * dy.double().t() @ s.double(), 2.0 * dy.double().abs().t() @ s.double().abs())
-    da = ext.lora_da_pass(x, g, a, seed, p)
+    da = ext.lora_da_pass(x, g, a, torch.tensor(seed), p)
     assert_fp32_sum(da, g.double().t() @ xd, g.double().abs().t() @ xd.abs())
     da, db = ext.lora_grad_pass(x, dy, a, b, 2.0)
     x64, dy64, a64, b64 = x.double(), dy.double(), a.double(), b.double()
@@ -148,12 +148,12 @@ def test_outputs_past_16_mib_are_streamed_with_the_same_bits(ext, width, p):
     x, a = make_2d(m, width, torch.float32, "contiguous", 1), make_2d(r, width, torch.float32, "contiguous", 2)
     b, bias = make_2d(width, r, torch.float32, "contiguous", 3), make_2d(1, width, torch.float32, "contiguous", 4)[0]
     g = make_2d(m, r, torch.float32, "contiguous", 5)
-    out, _ = ext.lora_lowrank_out(x, a, b, bias, 2.0, seed, p)
-    out_head, _ = ext.lora_lowrank_out(x[:head], a, b, bias, 2.0, seed, p)
+    out, _ = ext.lora_lowrank_out(x, a, b, bias, 2.0, torch.tensor(seed), p)
+    out_head, _ = ext.lora_lowrank_out(x[:head], a, b, bias, 2.0, torch.tensor(seed), p)
     assert torch.equal(out[:head], out_head)
     dx, dx_head = torch.full_like(x, float("nan")), torch.empty(head, width)
-    ext.lora_dx_pass_(x, g, a, dx, seed, p, accumulate=False)
-    ext.lora_dx_pass_(x[:head], g[:head], a, dx_head, seed, p, accumulate=False)
+    ext.lora_dx_pass_(x, g, a, dx, torch.tensor(seed), p, accumulate=False)
+    ext.lora_dx_pass_(x[:head], g[:head], a, dx_head, torch.tensor(seed), p, accumulate=False)
     assert torch.equal(dx[:head], dx_head)
     assert not dx.isnan().any()
     torch.testing.assert_close(dx, dropped(g.double() @ a.double(), p, seed).float(), rtol=1e-5, atol=1e-5)
@@ -169,10 +169,10 @@ def test_results_are_deterministic_for_a_thread_count(ext, threads):
     try:
         runs = []
         for _ in range(2):
-            out, s = ext.lora_lowrank_out(x, a, b, None, 0.5, seed, p)
+            out, s = ext.lora_lowrank_out(x, a, b, None, 0.5, torch.tensor(seed), p)
             g, db = ext.lora_dy_pass(dy, b, s, 0.5)
             dx = torch.zeros(m, k)
-            da = ext.lora_dx_pass_(x, g, a, dx, seed, p)
+            da = ext.lora_dx_pass_(x, g, a, dx, torch.tensor(seed), p)
             runs.append((out, s, g, db, da, dx) + tuple(ext.lora_grad_pass(x, dy, a, b, 0.5)))
     finally:
         torch.set_num_threads(before)
@@ -183,22 +183,22 @@ def test_results_are_deterministic_for_a_thread_count(ext, threads):
 
 
 def test_empty_and_meta_inputs(ext):
-    out, s = ext.lora_lowrank_out(torch.empty(0, 5), torch.randn(3, 5), torch.randn(2, 3), None, 1.0, 1, 0.5)
+    out, s = ext.lora_lowrank_out(torch.empty(0, 5), torch.randn(3, 5), torch.randn(2, 3), None, 1.0, torch.tensor(1), 0.5)
     assert out.shape == (0, 2) and s.shape == (0, 3)
-    out, s = ext.lora_lowrank_out(torch.empty(4, 0), torch.empty(3, 0), torch.randn(2, 3), torch.ones(2), 1.0, 1, 0.5)
+    out, s = ext.lora_lowrank_out(torch.empty(4, 0), torch.empty(3, 0), torch.randn(2, 3), torch.ones(2), 1.0, torch.tensor(1), 0.5)
     assert torch.equal(s, torch.zeros(4, 3)) and torch.equal(out, torch.ones(4, 2))
     g, db = ext.lora_dy_pass(torch.empty(0, 6), torch.randn(6, 2), torch.empty(0, 2), 1.0)
     assert g.shape == (0, 2) and torch.equal(db, torch.zeros(6, 2))
-    assert torch.equal(ext.lora_da_pass(torch.empty(0, 5), torch.empty(0, 2), torch.randn(2, 5), 1, 0.1),
+    assert torch.equal(ext.lora_da_pass(torch.empty(0, 5), torch.empty(0, 2), torch.randn(2, 5), torch.tensor(1), 0.1),
                        torch.zeros(2, 5))
     x = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
     out, s = ext.lora_lowrank_out(x, torch.empty(3, 7, device="meta", dtype=torch.bfloat16),
-                                  torch.empty(4, 3, device="meta", dtype=torch.bfloat16), None, 2.0, 3, 0.1)
+                                  torch.empty(4, 3, device="meta", dtype=torch.bfloat16), None, 2.0, torch.tensor(3), 0.1)
     assert s.shape == (5, 3) and s.dtype == torch.float32 and s.device.type == "meta"
     assert out.shape == (5, 4) and out.dtype == torch.bfloat16
     g, db = ext.lora_dy_pass(x, torch.empty(7, 3, device="meta"), s, 2.0)
     assert g.shape == (5, 3) and db.shape == (7, 3) and db.dtype == torch.float32
-    da = ext.lora_dx_pass_(x, g, torch.empty(3, 7, device="meta"), torch.empty_like(x), 3, 0.1)
+    da = ext.lora_dx_pass_(x, g, torch.empty(3, 7, device="meta"), torch.empty_like(x), torch.tensor(3), 0.1)
     assert da.shape == (3, 7) and da.dtype == torch.float32 and da.device.type == "meta"
     da, db = ext.lora_grad_pass(x, x[:, :4], torch.empty(3, 7, device="meta"), torch.empty(4, 3, device="meta"), 2.0)
     assert da.shape == (3, 7) and db.shape == (4, 3) and db.dtype == torch.float32 and db.device.type == "meta"
@@ -213,13 +213,17 @@ def test_ops_pass_torch_library_opcheck(ext, dtype, p):
     x, dy = make_2d(6, 5, dtype, "contiguous", 1), make_2d(6, 4, dtype, "transposed", 2)
     a, b = make_2d(3, 5, dtype, "contiguous", 3), make_2d(4, 3, dtype, "contiguous", 4)
     s, g = make_2d(6, 3, torch.float32, "contiguous", 5), make_2d(6, 3, torch.float32, "contiguous", 6)
-    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, None, 2.0, 3, p))
-    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, make_2d(1, 4, dtype, "contiguous", 7)[0], 2.0, 3, p))
+    seed = torch.tensor(3)
+    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, None, 2.0, seed, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_out.default, (x, a, b, make_2d(1, 4, dtype, "contiguous", 7)[0], 2.0, seed, p))
     torch.library.opcheck(torch.ops.fastpeft.lora_dy_pass.default, (dy, b, s, 2.0))
-    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p))
-    torch.library.opcheck(torch.ops.fastpeft.lora_da_pass.default, (x, g, a, 3, p))
-    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), 3, p, False))
+    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), seed, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_da_pass.default, (x, g, a, seed, p))
+    torch.library.opcheck(torch.ops.fastpeft.lora_dx_pass_.default, (x, g, a, torch.zeros(6, 5, dtype=dtype), seed, p, False))
     torch.library.opcheck(torch.ops.fastpeft.lora_grad_pass.default, (x, dy, a, b, 2.0))
+
+
+SEED = torch.tensor(0)  # the ops' seed: a one-element int64 tensor
 
 
 def _t(*shape, dtype=torch.float32):
@@ -227,30 +231,34 @@ def _t(*shape, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda e: e.lora_lowrank_out(_t(2, 3, 4), _t(2, 4), _t(5, 2), None, 1.0, 0, 0.1), "lora_lowrank_out: x must be 2-D"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 4), _t(5, 2), None, 1.0, 0, 0.1), "a of shape .* must have K"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 3), None, 1.0, 0, 0.1), "b of shape .* must have r"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), _t(4), 1.0, 0, 0.1), "bias must have shape"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3, dtype=torch.float64), _t(2, 3), _t(5, 2), None, 1.0, 0, 0.1),
+    (lambda e: e.lora_lowrank_out(_t(2, 3, 4), _t(2, 4), _t(5, 2), None, 1.0, SEED, 0.1), "lora_lowrank_out: x must be 2-D"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 4), _t(5, 2), None, 1.0, SEED, 0.1), "a of shape .* must have K"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 3), None, 1.0, SEED, 0.1), "b of shape .* must have r"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), _t(4), 1.0, SEED, 0.1), "bias must have shape"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3, dtype=torch.float64), _t(2, 3), _t(5, 2), None, 1.0, SEED, 0.1),
      "x dtype must be float32"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3, dtype=torch.int32), _t(5, 2), None, 1.0, 0, 0.1),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3, dtype=torch.int32), _t(5, 2), None, 1.0, SEED, 0.1),
      "a dtype must be float32"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), None, 1.0, 0, 1.0), "p must satisfy 0 <= p < 1"),
-    (lambda e: e.lora_lowrank_out(_t(2, 3), torch.empty(2, 3, device="meta"), _t(5, 2), None, 1.0, 0, 0.1),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), None, 1.0, SEED, 1.0), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), torch.empty(2, 3, device="meta"), _t(5, 2), None, 1.0, SEED, 0.1),
      "a device"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(2, 2), _t(4, 2), 1.0), "b of shape .* must have N"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(5, 2), 1.0), "s of shape .* must have M"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 3), 1.0), "s of shape .* must have r"),
     (lambda e: e.lora_dy_pass(_t(4, 3), _t(3, 2), _t(4, 2, dtype=torch.bfloat16), 1.0), "s dtype must be float32"),
     (lambda e: e.lora_dy_pass(_t(4), _t(3, 2), _t(4, 2), 1.0), "dy must be 2-D"),
-    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 5), 0, 0.1), "a of shape .* must have K"),
-    (lambda e: e.lora_da_pass(_t(4, 3), _t(5, 2), _t(2, 3), 0, 0.1), "g of shape .* must have M"),
-    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(3, 3), 0, 0.1), "a of shape .* must have r"),
-    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2, dtype=torch.bfloat16), _t(2, 3), 0, 0.1), "g dtype"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 4), 0, 0.1), "dx shape"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 3, dtype=torch.bfloat16), 0, 0.1), "dx dtype"),
-    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 4).t(), 0, 0.1), "dx must be contiguous"),
-    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 3), 0, -0.5), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 5), SEED, 0.1), "a of shape .* must have K"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(5, 2), _t(2, 3), SEED, 0.1), "g of shape .* must have M"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(3, 3), SEED, 0.1), "a of shape .* must have r"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2, dtype=torch.bfloat16), _t(2, 3), SEED, 0.1), "g dtype"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 4), SEED, 0.1), "dx shape"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(4, 3, dtype=torch.bfloat16), SEED, 0.1), "dx dtype"),
+    (lambda e: e.lora_dx_pass_(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 4).t(), SEED, 0.1), "dx must be contiguous"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 3), SEED, -0.5), "p must satisfy 0 <= p < 1"),
+    (lambda e: e.lora_da_pass(_t(4, 3), _t(4, 2), _t(2, 3), torch.tensor([0, 1]), 0.1),
+     "lora_da_pass: seed must be a one-element int64 cpu tensor"),
+    (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), None, 1.0, torch.tensor(0.0), 0.1),
+     "lora_lowrank_out: seed must be a one-element int64 cpu tensor"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(5, 2), _t(2, 3), _t(2, 2), 1.0), "dy of shape .* must have M"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 5), _t(2, 2), 1.0), "a of shape .* must have K"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 2), 1.0), "b of shape .* must have N"),

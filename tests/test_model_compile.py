@@ -30,7 +30,7 @@ def test_compiled_training_step_matches_eager(method):
         out = hidden(fn, batch)
         return out, torch.autograd.grad(out.square().mean(), trainable)
 
-    with torch._dynamo.config.patch(error_on_recompile=True, capture_scalar_outputs=True):
+    with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in (1, 2):
             got_out, got_grads = step(compiled, seed)
             want_out, want_grads = step(model, seed)

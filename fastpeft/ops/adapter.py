@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastpeft import backends
 from fastpeft.ops import checks
-from fastpeft.ops.dropout import dropout_ref, keep_mask, new_seed
+from fastpeft.ops.dropout import dropout_ref, keep_mask, seed_tensor
 
 ACTIVATIONS = ("relu", "gelu", "silu")  # gelu is the exact (erf) GELU, torch's default
 # Widest bottleneck the Triton kernels keep on chip; wider ones run on the torch backend.
@@ -184,8 +184,7 @@ def bottleneck_adapter(h, w_down, b_down, w_up, b_up, activation="relu", scaling
     generator when None). `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends)."""
     _validate(h, w_down, b_down, w_up, b_up, activation, scaling, residual, dropout_p, seed)
     dropout_p = float(dropout_p) if training else 0.0
-    if seed is None:
-        seed = new_seed() if dropout_p > 0.0 else 0
+    seed = seed_tensor(seed, dropout_p)
     name = backends.choose(h.device, backend, ext_helps=dropout_p > 0.0, dtype=h.dtype)
     if name == "reference":
         return bottleneck_adapter_ref(h, w_down, b_down, w_up, b_up, activation, float(scaling), residual,

@@ -22,9 +22,13 @@ def keep_threshold(p: float) -> int:
     return min(int(p * 2.0**32), MASK32)
 
 
-def new_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh 31-bit seed from torch's (or the given) CPU generator, so `torch.manual_seed` governs it."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+def seed_tensor(seed: int | None, p: float) -> torch.Tensor:
+    """The seed that the kernels take, a 0-d int64 CPU tensor: `seed`, or when None (and p > 0) a fresh 31-bit one
+    from torch's CPU generator, so `torch.manual_seed` governs it. A tensor, not an int: under torch.compile the
+    draw is then an op of the graph, made anew on every call, not an `.item()` that splits the graph."""
+    if seed is None and p > 0.0:
+        return torch.randint(0, 2**31 - 1, ())
+    return torch.tensor(seed or 0)
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -36,21 +40,20 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def dropout_hash(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
+def dropout_hash(seed: int | torch.Tensor, rows: int, cols: int, device=None) -> torch.Tensor:
     """The uint32 hash (as int64) of every position of a `[rows, cols]` input."""
     row = torch.arange(rows, device=device, dtype=torch.int64)
     col = torch.arange(cols, device=device, dtype=torch.int64)
-    # The seed as a tensor: under torch.compile it may be symbolic, and inductor's C++ code cannot xor a symbol.
-    row_key = _mix32(row ^ (torch.full((), seed, dtype=torch.int64, device=device) & MASK32))
+    row_key = _mix32(row ^ (torch.as_tensor(seed, dtype=torch.int64, device=device) & MASK32))  # int or tensor
     return _mix32((row_key[:, None] + ((col * GOLDEN32) & MASK32)[None, :]) & MASK32)
 
 
-def keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Boolean `[rows, cols]` mask of the kept elements for drop probability `p`."""
     return dropout_hash(seed, rows, cols, device) >= keep_threshold(p)
 
 
-def dropout_ref(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout_ref(x2d: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """Inverted dropout of a 2-D tensor with the shared mask: kept elements scaled by 1/(1-p)."""
     if p == 0.0:
         return x2d

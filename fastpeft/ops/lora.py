@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastpeft import backends
 from fastpeft.ops import checks
-from fastpeft.ops.dropout import dropout_ref, new_seed
+from fastpeft.ops.dropout import dropout_ref, seed_tensor
 
 # Decode-sized inputs take the one-launch Triton forward up to this many rows.
 SMALL_M = 64
@@ -172,8 +172,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends)."""
     _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     dropout_p = float(dropout_p) if training else 0.0
-    if seed is None:
-        seed = new_seed() if dropout_p > 0.0 else 0
+    seed = seed_tensor(seed, dropout_p)
     name = backends.choose(x.device, backend, dtype=x.dtype)
     rank = lora_a.shape[0]
     if name == "triton" and rank > TRITON_MAX_RANK:

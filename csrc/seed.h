@@ -1,0 +1,17 @@
+// The dropout seed that the ops take: a one-element int64 tensor on the CPU. A tensor, not an int, so that
+// torch.compile keeps a seed drawn inside the graph (torch.randint) as a value of the graph: an int would be a
+// symbol while tracing, got from an `.item()` that splits the graph unless capture_scalar_outputs is set.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastpeft {
+
+// Meta tensors pass, for tracing; the value is read only where the mask is computed.
+inline void check_seed(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && (seed.is_cpu() || seed.is_meta()), op,
+              ": seed must be a one-element int64 cpu tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(),
+              " on ", seed.device());
+}
+
+}  // namespace fastpeft
