@@ -84,7 +84,7 @@ at::Tensor dropout_forward(const at::Tensor& x, const at::Tensor& seed, double p
   constexpr const char* op = "dropout_forward";
   check_2d(x, "x", op);
   check_p(p, op);
-  check_seed(seed, op);
+  check_seed(seed, x, op);
   check_rows(x.size(0), op);
   auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.is_meta() || x.numel() == 0) return xd;

@@ -477,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
     check_device(*bias, "bias", x, "x", op);
   }
   check_dropout(p, M, op);
-  check_seed(seed, op);
+  check_seed(seed, x, op);
   auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto s = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (x.is_meta() || (out.numel() == 0 && s.numel() == 0)) return {out, s};
@@ -616,7 +616,7 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
     TORCH_CHECK(dx->is_contiguous(), op, ": dx must be contiguous, got strides ", dx->strides());
   }
   check_dropout(p, x.size(0), op);
-  check_seed(seed, op);
+  check_seed(seed, x, op);
   const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
   if (x.is_meta()) return at::empty({r, K}, f32);

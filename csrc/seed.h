@@ -7,9 +7,10 @@
 
 namespace fastpeft {
 
-// Meta tensors pass, for tracing; the value is read only where the mask is computed.
-inline void check_seed(const at::Tensor& seed, const char* op) {
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && (seed.is_cpu() || seed.is_meta()), op,
+// A meta seed passes with meta inputs `x`, for tracing; the value is read only where the mask is computed.
+inline void check_seed(const at::Tensor& seed, const at::Tensor& x, const char* op) {
+  const bool where = seed.is_cpu() || (seed.is_meta() && x.is_meta());
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && where, op,
               ": seed must be a one-element int64 cpu tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(),
               " on ", seed.device());
 }

@@ -134,7 +134,7 @@ def _adapter_forward_kernel(
 _adapter_forward = _autotuned(_adapter_forward_kernel, CONFIGS, key=["M", "D", "W"])
 
 
-def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, scaling: float, p: float, seed: int):
+def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, scaling: float, p: float, seed):
     """Returns (y `[M, d]` h.dtype, z fp32 `[M, m]`) for h `[M, d]`; `residual` None means h."""
     h, w_down, w_up = int32_columns(h), int32_columns(w_down), int32_columns(w_up)
     b_down, b_up = unit_stride(b_down), unit_stride(b_up)
@@ -282,7 +282,7 @@ _adapter_backward_down = _autotuned(_adapter_backward_down_kernel, CONFIGS, key=
                                     reset_to_zero=["dwd_ptr"])
 
 
-def adapter_backward_down(dy, dz, w_down, h, p: float, seed: int, need_dh: bool, add_dy: bool):
+def adapter_backward_down(dy, dz, w_down, h, p: float, seed, need_dh: bool, add_dy: bool):
     """One pass over h `[M, d]`: returns (dh `[M, d]` h.dtype or None, dW_down fp32 `[m, d]`)."""
     dy, w_down, h = int32_columns(dy), int32_columns(w_down), int32_columns(h)
     M, D = h.shape

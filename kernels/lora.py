@@ -110,8 +110,9 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _dropout_args(p: float, seed: int):
-    """(seed, uint32 threshold, 1/(1-p), DROPOUT constexpr); p == 0 compiles kernels with no RNG at all.
+def _dropout_args(p: float, seed):
+    """(seed, uint32 threshold, 1/(1-p), DROPOUT constexpr) for a seed given as an int or a one-element CPU tensor;
+    p == 0 compiles kernels with no RNG at all.
     The threshold is `fastpeft.ops.dropout.keep_threshold(p)` (kernels may not import fastpeft; a test checks)."""
     if p == 0.0:
         return 0, 0, 1.0, False
@@ -172,7 +173,7 @@ def _lora_shrink_kernel(
 _lora_shrink = _autotuned(_lora_shrink_kernel, CONFIGS["shrink"], key=["M", "K", "R"])
 
 
-def lora_shrink(x: torch.Tensor, down: torch.Tensor, p: float = 0.0, seed: int = 0) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, down: torch.Tensor, p: float = 0.0, seed=0) -> torch.Tensor:
     """fp32 `[M, r] = dropout_p(x) @ down.T` for x `[M, K]`, down `[r, K]` (any strides)."""
     x, down = int32_columns(x), int32_columns(down)
     M, K = x.shape
@@ -317,7 +318,7 @@ _lora_forward_small = _autotuned(_lora_forward_small_kernel, CONFIGS["small"], k
 SMALL_M_MAX = 64  # largest M the single-launch decode kernel is meant for
 
 
-def lora_forward_small(x, w, bias, a, b, scaling: float, p: float = 0.0, seed: int = 0):
+def lora_forward_small(x, w, bias, a, b, scaling: float, p: float = 0.0, seed=0):
     """Decode path (M <= SMALL_M_MAX), one launch: returns (y [M, N] x.dtype, S fp32 [M, r])."""
     x, w, a, b, bias = int32_columns(x), int32_columns(w), int32_columns(a), int32_columns(b), unit_stride(bias)
     M, K = x.shape
@@ -468,7 +469,7 @@ _lora_backward_dx = _autotuned(_lora_backward_dx_kernel, CONFIGS["gemm"], key=["
                                reset_to_zero=["da_ptr"])
 
 
-def lora_backward_dx(dy, w, g, a, x, p: float, seed: int, need_dx: bool = True):
+def lora_backward_dx(dy, w, g, a, x, p: float, seed, need_dx: bool = True):
     """Returns (dx `[M, K]` x.dtype or None, dA fp32 `[r, K]`) for dy `[M, N]`, w `[N, K]`, G fp32 `[M, r]`,
     a `[r, K]`, x `[M, K]`. dA is summed with fp32 atomics across M blocks."""
     dy, w, a, x = int32_columns(dy), int32_columns(w), int32_columns(a), int32_columns(x)

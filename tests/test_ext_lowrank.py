@@ -259,6 +259,8 @@ def _t(*shape, dtype=torch.float32):
      "lora_da_pass: seed must be a one-element int64 cpu tensor"),
     (lambda e: e.lora_lowrank_out(_t(2, 3), _t(2, 3), _t(5, 2), None, 1.0, torch.tensor(0.0), 0.1),
      "lora_lowrank_out: seed must be a one-element int64 cpu tensor"),
+    (lambda e: e.dropout_forward(_t(2, 3), torch.empty((), dtype=torch.int64, device="meta"), 0.1),
+     "dropout_forward: seed must be a one-element int64 cpu tensor"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(5, 2), _t(2, 3), _t(2, 2), 1.0), "dy of shape .* must have M"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 5), _t(2, 2), 1.0), "a of shape .* must have K"),
     (lambda e: e.lora_grad_pass(_t(4, 3), _t(4, 2), _t(2, 3), _t(3, 2), 1.0), "b of shape .* must have N"),

@@ -27,8 +27,8 @@ def seed_tensor(seed: int | None, p: float) -> torch.Tensor:
     from torch's CPU generator, so `torch.manual_seed` governs it. A tensor, not an int: under torch.compile the
     draw is then an op of the graph, made anew on every call, not an `.item()` that splits the graph."""
     if seed is None and p > 0.0:
-        return torch.randint(0, 2**31 - 1, ())
-    return torch.tensor(seed or 0)
+        return torch.randint(0, 2**31 - 1, (), device="cpu")
+    return torch.tensor(int(seed or 0), dtype=torch.int64, device="cpu")
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def dropout_hash(seed: int | torch.Tensor, rows: int, cols: int, device=None) ->
     """The uint32 hash (as int64) of every position of a `[rows, cols]` input."""
     row = torch.arange(rows, device=device, dtype=torch.int64)
     col = torch.arange(cols, device=device, dtype=torch.int64)
-    row_key = _mix32(row ^ (torch.as_tensor(seed, dtype=torch.int64, device=device) & MASK32))  # int or tensor
+    row_key = _mix32(row ^ (seed & MASK32))  # an int, or a CPU tensor seed, which stays a scalar on any device
     return _mix32((row_key[:, None] + ((col * GOLDEN32) & MASK32)[None, :]) & MASK32)
 
 
