@@ -229,9 +229,13 @@ FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, c
         for (int64_t v = 0; v < kXV; ++v) {
           float* o = out + i * out_ld + v * kLanes;
           const Vec term = factors != nullptr ? acc[i][v] * load(factors + i * f_ld + v * kLanes) : acc[i][v];
-          if (into.accumulate) store(o, load(o) + term);
-          else if (into.stream) stream(o, (into.base != nullptr ? load(into.base + v * kLanes) : Vec{}) + term);
-          else store(o, (into.base != nullptr ? load(into.base + v * kLanes) : Vec{}) + term);
+          if (into.accumulate) {
+            store(o, load(o) + term);
+            continue;
+          }
+          const Vec fresh = (into.base != nullptr ? load(into.base + v * kLanes) : Vec{}) + term;
+          if (into.stream) stream(o, fresh);
+          else store(o, fresh);
         }
       }
       return;
