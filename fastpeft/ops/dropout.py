@@ -26,9 +26,12 @@ def seed_tensor(seed: int | None, p: float) -> torch.Tensor:
     """The seed that the kernels take, a 0-d int64 CPU tensor: `seed`, or when None (and p > 0) a fresh 31-bit one
     from torch's CPU generator, so `torch.manual_seed` governs it. A tensor, not an int: under torch.compile the
     draw is then an op of the graph, made anew on every call, not an `.item()` that splits the graph."""
-    if seed is None and p > 0.0:
-        return torch.randint(0, 2**31 - 1, (), device="cpu")
-    return torch.tensor(int(seed or 0), dtype=torch.int64, device="cpu")
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (), device="cpu") if p > 0.0 else _NO_SEED
+    return torch.tensor(int(seed), dtype=torch.int64, device="cpu")
+
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed of calls without dropout: no tensor made per call
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
