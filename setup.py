@@ -1,4 +1,10 @@
-"""Packaging. `kernels/` installs as `fastpeft.kernels`.
+"""Packaging. `kernels/` installs as `fastpeft.kernels`, `csrc/` as `fastpeft/csrc`.
+
+`kernels/` has no `__init__.py`, so the repository root on `sys.path` (pytest, `python -m bench.x`) never shadows an
+installed top-level `kernels` package (Hugging Face's, which transformers imports): a namespace portion always loses
+to a regular package. The package reaches it through the relative symlink `fastpeft/kernels -> ../kernels`, a
+namespace subpackage that `find_namespace_packages` finds and a wheel copies as plain files; an editable install
+resolves it in place.
 
 The CPU extension (`csrc/*.cpp`) is built ahead of time when torch is importable at build time
 (`pip install --no-build-isolation -e .`); otherwise `fastpeft._ext` compiles it with ninja on first use.
@@ -7,11 +13,11 @@ import glob
 import os
 import platform
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
-packages = ["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.model", "fastpeft.kernels", "fastpeft.csrc"]
+packages = find_namespace_packages(include=["fastpeft*"], exclude=["*.__pycache__"]) + ["fastpeft.csrc"]
 # csrc/ ships as fastpeft/csrc so an installed package can still JIT-compile the extension.
-package_dir = {"fastpeft.kernels": "kernels", "fastpeft.csrc": "csrc"}
+package_dir = {"fastpeft.csrc": "csrc"}
 
 
 def extension_build():

@@ -32,10 +32,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ------------------------------------------------------------------------------------------------ child process
 def _kernel_modules():
-    sys.path.insert(0, str(ROOT))
-    import kernels
+    import fastpeft.kernels
 
-    return [importlib.import_module(f"kernels.{info.name}") for info in pkgutil.iter_modules(kernels.__path__)]
+    return [importlib.import_module(f"fastpeft.kernels.{info.name}")
+            for info in pkgutil.iter_modules(fastpeft.kernels.__path__)]
 
 
 def _registry():
