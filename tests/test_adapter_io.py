@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from fastpeft.model import LoraConfig, active_adapter, adapter_names, inject, load_adapter, save_adapter, set_adapter
+from fastpeft.model import files as adapter_files
 from fastpeft.model import io as adapter_io
 from fastpeft.model.inject import lora_layers
 from tests.budget import examples
@@ -197,7 +198,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         with open(path, "wb") as f:
             f.write(b"half")
         raise OSError("disk full")
-    monkeypatch.setattr(adapter_io, "save_file", failing_save)
+    monkeypatch.setattr(adapter_files, "save_file", failing_save)
     for target in (directory, tmp_path / "new"):
         with pytest.raises(OSError, match="disk full"):
             save_adapter(model, target)

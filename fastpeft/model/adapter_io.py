@@ -5,17 +5,13 @@ layer_norm.*) and, as for LoRA, `base_model.model.<module path>.<param>` for mod
 
 `save_adapter` / `load_adapter` of fastpeft.model.io hand bottleneck adapters to these functions. Writes are atomic;
 a load builds and fills the adapters aside, checking every key, shape and dtype, before it touches the model."""
-import json
-import os
-
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from fastpeft.model.adapter_config import AdapterConfig
 from fastpeft.model.adapter_inject import adapter_wrappers, apply, bottleneck_config, plan
-from fastpeft.model.io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, Entry, _atomic_write, _check_tensors, _write_text,
-                               read_json, read_weights)
+from fastpeft.model.files import PREFIX, read_adapter, write_adapter
+from fastpeft.model.io import Entry, _check_tensors
 from fastpeft.model.saved_module import ModulesToSave
 
 
@@ -23,22 +19,17 @@ def save_bottleneck(model: nn.Module, directory, adapter_name: str = "default") 
     config = bottleneck_config(model, adapter_name)
     wrappers = dict(adapter_wrappers(model))
     saved = {path: m for path, m in model.named_modules() if isinstance(m, ModulesToSave)}
-    tensors = {PREFIX + key: value.detach().to("cpu").clone().contiguous()
-               for key, value in _file_state(wrappers, saved, adapter_name).items()}
+    tensors = {PREFIX + key: value for key, value in _file_state(wrappers, saved, adapter_name).items()}
     settings = {**config.to_dict(), "base_model_name_or_path":
                 config.base_model_name_or_path or getattr(model, "name_or_path", None) or None}
-    _atomic_write(os.fspath(directory), {
-        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-        CONFIG_NAME: lambda path: _write_text(path, json.dumps(settings, indent=2, sort_keys=True)),
-    })
+    write_adapter(directory, settings, tensors)
 
 
 def load_bottleneck(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
     """Put the saved adapters into `model` (which must have none yet), trainable as after `inject`."""
-    directory = os.fspath(directory)
-    config = AdapterConfig.from_dict(read_json(directory), source=os.path.join(directory, CONFIG_NAME))
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    tensors = read_weights(weights_path)
+    files = read_adapter(directory)
+    config = AdapterConfig.from_dict(files.config, source=files.config_path)
+    weights_path, tensors = files.weights_path, files.tensors
     planned = plan(model, config, adapter_name)
     state = _file_state(planned.wrappers, planned.saved, adapter_name)
     entries = {PREFIX + key: Entry(key, tuple(value.shape), value.dtype) for key, value in state.items()}

@@ -8,19 +8,15 @@ another shape, where the flat positions would mean other entries.
 `save_adapter` / `load_adapter` of fastpeft.model.io hand diff pruning adapters to these functions. Writes are
 atomic; a load checks every key, dtype, length and index against the model before it changes anything."""
 import json
-import os
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from fastpeft.model.config import ALL_LINEAR
 from fastpeft.model.diff_config import DiffPruningConfig
 from fastpeft.model.diff_inject import apply, build_layers, check_new, diff_config, find_sites, kept_count, \
     search_layers, sparse_layers
-from fastpeft.model.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _listed, _write_text, read_json, \
-    read_weights
+from fastpeft.model.files import PREFIX, listed, read_adapter, write_adapter
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import is_linear
 from fastpeft.modules.sparse_delta import SparseDeltaLinear
@@ -36,36 +32,31 @@ def save_diff(model: nn.Module, directory, adapter_name: str = "default") -> Non
         raise ValueError("the diff pruning adapter is still searching (stage 1: dense diffs and gates); call "
                          "project_to_density(model) first: what is saved is the fixed sparse mask and its values")
     layers = dict(sparse_layers(model))
-    tensors = {f"{PREFIX}{path}.{key}": getattr(layer, key).detach().to("cpu").clone().contiguous()
-               for path, layer in layers.items() for key in LAYER_TENSORS}
+    tensors = {f"{PREFIX}{path}.{key}": getattr(layer, key) for path, layer in layers.items() for key in LAYER_TENSORS}
     for path, wrapper in _saved_wrappers(model, adapter_name).items():
         for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
-            tensors[f"{PREFIX}{path}.{key}"] = value.detach().to("cpu").clone().contiguous()
+            tensors[f"{PREFIX}{path}.{key}"] = value
     settings = config.to_dict()
     if config.target_modules == ALL_LINEAR:  # the layers it resolved to here, so a load finds exactly them
         settings["target_modules"] = sorted(layers)
     settings["base_model_name_or_path"] = config.base_model_name_or_path or getattr(model, "name_or_path", None) \
         or None
     shapes = json.dumps({path: list(layer.base_layer.weight.shape) for path, layer in layers.items()})
-    _atomic_write(os.fspath(directory), {
-        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt", SHAPES_KEY: shapes}),
-        CONFIG_NAME: lambda path: _write_text(path, json.dumps(settings, indent=2, sort_keys=True)),
-    })
+    write_adapter(directory, settings, tensors, metadata={SHAPES_KEY: shapes})
 
 
 def load_diff(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
     """Put the saved fixed-mask adapter into `model` (which must hold no adapter yet): its targets become merged
     SparseDeltaLinear layers, trainable as after `project_to_density`."""
-    directory = os.fspath(directory)
-    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    config = DiffPruningConfig.from_dict(read_json(directory), source=config_path)
-    tensors = read_weights(weights_path)
+    files = read_adapter(directory)
+    config_path, weights_path, tensors = files.config_path, files.weights_path, files.tensors
+    config = DiffPruningConfig.from_dict(files.config, source=config_path)
     check_new(model, config, adapter_name)
     try:
         targets, saved = find_sites(model, config)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
-    problems = (_problems(model, dict(targets), dict(saved), tensors) or _shape_problems(weights_path, dict(targets))
+    problems = (_problems(model, dict(targets), dict(saved), tensors) or _shape_problems(files.metadata, dict(targets))
                 or _density_problems(config, dict(targets), tensors))
     if problems:
         raise ValueError(f"{weights_path} does not fit a diff pruning adapter of {type(model).__name__} "
@@ -98,21 +89,20 @@ def _problems(model: nn.Module, targets: dict[str, nn.Module], saved: dict[str, 
         indices, values = (tensors.get(f"{PREFIX}{path}.{key}") for key in LAYER_TENSORS)
         if indices is not None and values is not None:
             bad += [f"{PREFIX}{path}.{why}" for why in _layer_problems(indices, values, module.weight.numel())]
-    return [f"{label} ({len(items)}): {_listed(items)}" for label, items in
+    return [f"{label} ({len(items)}): {listed(items)}" for label, items in
             (("missing keys", missing), ("unexpected keys", unexpected), ("bad tensors", bad)) if items]
 
 
-def _shape_problems(weights_path: str, targets: dict[str, nn.Module]) -> list[str]:
+def _shape_problems(metadata: dict[str, str], targets: dict[str, nn.Module]) -> list[str]:
     """The stored weight shapes the file records (files written before they were recorded pass) against the model's."""
-    with safe_open(weights_path, "pt") as f:
-        recorded = (f.metadata() or {}).get(SHAPES_KEY)
+    recorded = metadata.get(SHAPES_KEY)
     try:
         shapes = json.loads(recorded) if recorded is not None else {}
         wrong = [f"{path}: file {tuple(shapes[path])}, model {tuple(module.weight.shape)}"
                  for path, module in targets.items() if path in shapes and tuple(shapes[path]) != module.weight.shape]
     except (ValueError, TypeError) as e:
         return [f"unreadable {SHAPES_KEY} metadata: {e}"]
-    return [f"weight shape mismatches ({len(wrong)}): {_listed(wrong)}"] if wrong else []
+    return [f"weight shape mismatches ({len(wrong)}): {listed(wrong)}"] if wrong else []
 
 
 def _density_problems(config: DiffPruningConfig, targets: dict[str, nn.Module],
@@ -127,7 +117,7 @@ def _density_problems(config: DiffPruningConfig, targets: dict[str, nn.Module],
         wrong = [f"{path}: {kept[path]} kept, not {kept_count(config.density, sizes[path])}" for path in targets
                  if kept[path] != kept_count(config.density, sizes[path])]
     return [f"indices that do not match density={config.density:g}, scope={config.scope!r} ({len(wrong)}): "
-            f"{_listed(wrong)}"] if wrong else []
+            f"{listed(wrong)}"] if wrong else []
 
 
 def _why_unexpected(model: nn.Module, key: str, targets: dict[str, nn.Module]) -> str:

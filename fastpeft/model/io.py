@@ -2,16 +2,12 @@
 `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` ([r, in]) / `.lora_B.weight`
 ([out, r]), modules_to_save under `base_model.model.<module path>.<param>`, biases per `bias`.
 
-Writes are atomic (a temporary directory, then os.replace). Loads check every key, shape and dtype against the
-model before touching it, and leave it unchanged on any error."""
-import json
+Writes swap both files in at once (fastpeft.model.files). Loads check every key, shape and dtype against the model
+before touching it, and leave it unchanged on any error."""
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastpeft.model.adapter_config import AdapterConfig
@@ -19,16 +15,13 @@ from fastpeft.model.adapter_inject import bottleneck_names, refuse_lora
 from fastpeft.model.config import ALL_LINEAR, LoraConfig
 from fastpeft.model.diff_config import DiffPruningConfig
 from fastpeft.model.diff_inject import diff_names, refuse_diff
+from fastpeft.model.files import CONFIG_NAME, PREFIX, listed, read_adapter, read_config, write_adapter
 from fastpeft.model.inject import (active_adapter, adapter_config, adapter_layers, adapter_names, add_adapter,
                                    check_new_adapter, delete_adapter, lora_layers, saved_wrappers, set_adapter)
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
 from fastpeft.modules.lora import LoraLinear, linear_features
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
-SHOW = 10  # how many offending keys an error lists
 
 
 @dataclass(frozen=True)
@@ -54,12 +47,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     targets, saved = _current_plan(model, adapter_name)
     entries = adapter_entries(model, config, adapter_name, targets, saved)
     state = model.state_dict()
-    tensors = {key: state[e.model_key].detach().to("cpu").clone().contiguous() for key, e in entries.items()}
-    peft_config = config.to_peft_dict(**_file_overrides(model, config, targets))
-    _atomic_write(os.fspath(directory), {
-        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-        CONFIG_NAME: lambda path: _write_text(path, json.dumps(peft_config, indent=2, sort_keys=True)),
-    })
+    write_adapter(directory, config.to_peft_dict(**_file_overrides(model, config, targets)),
+                  {key: state[e.model_key] for key, e in entries.items()})
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
@@ -76,12 +65,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if method == AdapterConfig.METHOD:
         refuse_diff(model, "bottleneck adapters")
         return adapter_io.load_bottleneck(model, directory, adapter_name)
+    if method is not None:
+        raise ValueError(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: unknown method {method!r}; "
+                         f"fastpeft reads {AdapterConfig.METHOD!r}, {DiffPruningConfig.METHOD!r} and PEFT's LoRA files "
+                         "(which name no method)")
     refuse_lora(model)
     refuse_diff(model, "LoRA adapters")
-    directory = os.fspath(directory)
-    config = read_config(directory)
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    tensors = read_weights(weights_path)
+    saved_files = read_adapter(directory)
+    config = LoraConfig.from_peft_dict(saved_files.config, source=saved_files.config_path)
+    weights_path, tensors = saved_files.weights_path, saved_files.tensors
     if tensors and not any(k.startswith(PREFIX) for k in tensors):  # written without PEFT's prefix (PEFT accepts it)
         tensors = {PREFIX + k: v for k, v in tensors.items()}
     existing = adapter_name in adapter_names(model)
@@ -120,39 +112,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return model
 
 
-def read_config(directory: str) -> LoraConfig:
-    return LoraConfig.from_peft_dict(read_json(directory), source=os.path.join(directory, CONFIG_NAME))
-
-
 def saved_method(directory) -> str | None:
     """The "method" a saved adapter directory names (None for PEFT's LoRA files, which name none, and for unreadable
     ones, whose problem the LoRA loader then reports)."""
     try:
-        raw = read_json(os.fspath(directory))
+        raw = read_config(directory)
     except (OSError, ValueError):
         return None
     return raw.get("method") if isinstance(raw, dict) else None
-
-
-def read_json(directory: str):
-    """The parsed adapter_config.json of `directory`; errors name the file."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a saved adapter directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
-def read_weights(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter weights {path!r} do not exist")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types for bad headers and short files
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
 
 
 def adapter_entries(model: nn.Module, config: LoraConfig, name: str, targets: list[Target],
@@ -231,7 +198,7 @@ def _check_settings(model, config: LoraConfig, name: str, targets: list[Target])
                          f"file r={r}, alpha={alpha:g}, rslora={config.use_rslora}")
     if wrong:
         raise ValueError(f"the file's config does not match existing adapter {name!r} (delete_adapter it first to "
-                         f"load this one): " + _listed(wrong))
+                         f"load this one): " + listed(wrong))
 
 
 def _check_tensors(entries: dict[str, Entry], tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -244,16 +211,11 @@ def _check_tensors(entries: dict[str, Entry], tensors: dict[str, torch.Tensor], 
             shapes.append(f"{key}: file {tuple(t.shape)}, model {e.shape}")
         if t.dtype != e.dtype and not (t.dtype.is_floating_point and e.dtype.is_floating_point):
             dtypes.append(f"{key}: file {t.dtype}, model {e.dtype}")
-    problems = [f"{label} ({len(items)}): {_listed(items)}" for label, items in
+    problems = [f"{label} ({len(items)}): {listed(items)}" for label, items in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes),
                  ("dtype mismatches", dtypes)) if items]
     if problems:
         raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
-
-
-def _listed(items: list[str]) -> str:
-    more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
-    return "; ".join(items[:SHOW]) + more
 
 
 def _file_overrides(model, config: LoraConfig, targets: list[Target]) -> dict:
@@ -267,32 +229,3 @@ def _file_overrides(model, config: LoraConfig, targets: list[Target]) -> dict:
     if config.task_type is None:
         overrides["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return overrides
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _atomic_write(directory: str, writers: dict) -> None:
-    """Write every file into a fresh temporary directory beside `directory`, then move them in with os.replace
-    (the whole directory at once when it does not exist yet). On error nothing in `directory` has changed."""
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"directory {directory!r} exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fastpeft-tmp-", dir=parent)
-    try:
-        for name, write in writers.items():
-            path = os.path.join(tmp, name)
-            write(path)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if not os.path.exists(directory):
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter directory is an ordinary one
-            os.replace(tmp, directory)
-        else:
-            for name in writers:  # weights first, config last: a config always describes complete weights
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

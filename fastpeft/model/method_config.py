@@ -1,6 +1,17 @@
 """What the configs of the non-LoRA methods share: they are saved as adapter_config.json holding
 {"method": <the method's name>, <the dataclass's fields>} and read back with every value validated again."""
-from dataclasses import asdict, fields, replace
+from dataclasses import MISSING, asdict, fields, replace
+
+
+def refuse_nulls(cls, config: dict, source: str, allowed: tuple[str, ...] = ()) -> None:
+    """A JSON null is a value only for a field whose default is None: elsewhere it would silently become the default
+    (`"lora_alpha": null` read as alpha 8), so it is an error naming the fields."""
+    nulls = sorted(f.name for f in fields(cls) if f.name in config and config[f.name] is None
+                   and f.name not in allowed and (f.default is not None or f.default_factory is not MISSING))
+    if nulls:
+        raise ValueError(f"{source}: {', '.join(nulls)} {'is' if len(nulls) == 1 else 'are'} null; give "
+                         f"{'a value' if len(nulls) == 1 else 'values'} or leave {'it' if len(nulls) == 1 else 'them'} "
+                         "out for the default")
 
 
 class MethodConfig:
@@ -22,6 +33,7 @@ class MethodConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
         if config.get("method") != cls.METHOD:
             raise ValueError(f"{source}: method is {config.get('method')!r}, expected {cls.METHOD!r}")
+        refuse_nulls(cls, config, source)
         kwargs = {k: v for k, v in config.items() if k != "method"}
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
