@@ -106,6 +106,89 @@ def test_bad_diff_settings(capsys, tiny_csv):
     assert "--search-epochs: must be >= 1" in run_train(capsys, "--data", str(tiny_csv), "--search-epochs", "0")
 
 
+def usage_error(capsys, argv) -> str:
+    """Run `fastpeft` with `argv`, expect exit status 2 and return its error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any data loading, training or demo run fails the test: the error must come before all of them."""
+    for name in ("fastpeft.cli.load_splits", "fastpeft.demo.run", "fastpeft.demo.run_demo"):
+        monkeypatch.setattr(name, lambda *a, **k: pytest.fail("work started before the argument check"))
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_unusable_output_dir_is_refused_before_any_work(capsys, tmp_path, tiny_csv, monkeypatch, no_work, command):
+    def refused(out) -> str:
+        given = ["--model", str(packaged_model_dir()), "--data", str(tiny_csv)] if command == "train" else []
+        return usage_error(capsys, [command, *given, "--output-dir", str(out)])
+
+    a_file = tmp_path / "adapter.bin"
+    a_file.write_text("")
+    assert f"argument --output-dir: {str(a_file)!r} exists and is not a directory" in refused(a_file)
+    assert f"argument --output-dir: cannot create {str(a_file / 'adapter')!r}: {a_file} is not a directory" \
+        in refused(a_file / "adapter")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only)  # as chmod would, even for root
+    assert f"argument --output-dir: cannot write to {read_only} (no write permission)" in refused(read_only)
+    assert f"argument --output-dir: cannot write to {read_only} (no write permission)" in refused(read_only / "a/b")
+
+
+def test_output_dir_may_be_new_or_an_existing_directory(tmp_path):
+    from fastpeft.cli import parse_args
+    assert parse_args(["demo", "--output-dir", str(tmp_path / "a" / "b")]).output_dir == tmp_path / "a" / "b"
+    assert parse_args(["demo", "--output-dir", str(tmp_path)]).output_dir == tmp_path
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_devices_that_cannot_train_are_refused_up_front(capsys, tiny_csv, no_work, command):
+    given = ["--model", str(packaged_model_dir()), "--data", str(tiny_csv), "--output-dir", "unused"]
+    base = [command, *(given if command == "train" else [])]
+    assert "argument --device: device 'meta' cannot train: meta tensors hold no data" in \
+        usage_error(capsys, [*base, "--device", "meta"])
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+    assert f"argument --device: device {missing!r} is not usable here" in \
+        usage_error(capsys, [*base, "--device", missing])
+
+
+TRAIN_MISFITS = [("adapter", "--target-modules", "nope"), ("adapter", "--r", "4"), ("adapter", "--lora-alpha", "8"),
+                 ("adapter", "--lora-dropout", "0.2"), ("adapter", "--density", "0.1"),
+                 ("lora", "--placement", "pfeiffer"), ("lora", "--bottleneck", "8"), ("lora", "--density", "0.1"),
+                 ("lora", "--search-epochs", "2"), ("diff", "--r", "4"), ("diff", "--bottleneck", "8"),
+                 (None, "--density", "0.1")]
+
+
+@pytest.mark.parametrize("method, flag, value", TRAIN_MISFITS)
+def test_train_flags_of_another_method_are_usage_errors(capsys, tiny_csv, no_work, method, flag, value):
+    chosen = ["--method", method] if method else []
+    err = run_train(capsys, "--data", str(tiny_csv), *chosen, flag, value)
+    assert f"{flag} does not apply to --method {method or 'lora'}" in err
+
+
+@pytest.mark.parametrize("method, flag, value", [("adapter", "--r", "4"), ("diff", "--r", "4"),
+                                                 ("lora", "--density", "0.1"), ("adapter", "--search-epochs", "2")])
+def test_demo_flags_of_another_method_are_usage_errors(capsys, no_work, method, flag, value):
+    err = usage_error(capsys, ["demo", "--method", method, flag, value])
+    assert f"{flag} does not apply to --method {method}" in err
+
+
+def test_method_flags_take_their_defaults_when_not_given():
+    from fastpeft.cli import parse_args
+    train = ["train", "--model", "m", "--data", "d.csv", "--output-dir", "unused"]
+    lora = parse_args(train)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 16.0, 0.1, "all-linear")
+    adapter = parse_args([*train, "--method", "adapter", "--bottleneck", "8"])
+    assert (adapter.placement, adapter.bottleneck) == ("houlsby", 8)
+    diff = parse_args([*train, "--method", "diff", "--target-modules", "query"])
+    assert (diff.target_modules, diff.density, diff.search_epochs) == (["query"], DiffPruningConfig.density, 1)
+    assert parse_args(["demo", "--method", "diff"]).density == demo.DIFF_DEMO["density"]
+
+
 def test_train_method_diff_end_to_end(tmp_path, capsys, tiny_csv):
     """Both stages on the tiny csv: 3 search steps, projection to 5% per weight, 3 fixed-mask steps; then the
     unmerge / merge / reload / merge_and_unload checks."""
@@ -139,8 +222,8 @@ def test_demo_method_diff_is_wired_through(monkeypatch):
 
 
 def test_demo_needs_no_arguments_and_rejects_unknown_ones(capsys):
-    from fastpeft.cli import build_parser
-    args = build_parser().parse_args(["demo"])
+    from fastpeft.cli import parse_args
+    args = parse_args(["demo"])
     assert (args.epochs, args.r, args.seed, args.device) == (2, 8, 0, "cpu")
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--bogus"])

@@ -152,12 +152,12 @@ def test_dropout_is_active_in_train_mode_only():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(r=0), "r \\(the LoRA rank\\) must be an int >= 1"),
-    (dict(r=2.5), "r \\(the LoRA rank\\)"),
+    (dict(r=0), "r \\(a LoRA rank\\) must be an int >= 1, got 0"),
+    (dict(r=2.5), "r \\(a LoRA rank\\) must be an int >= 1, got 2.5"),
     (dict(lora_dropout=1.0), "lora_dropout must be a float in \\[0, 1\\)"),
     (dict(lora_dropout=-0.1), "lora_dropout"),
     (dict(init="xavier"), "init must be one of"),
-    (dict(lora_alpha=float("nan")), "lora_alpha must be a finite number"),
+    (dict(lora_alpha=float("nan")), "lora_alpha must be a finite non-zero number, got nan"),
 ])
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

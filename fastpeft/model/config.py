@@ -1,8 +1,10 @@
 """`LoraConfig`: PEFT's LoRA config fields (so configs and `adapter_config.json` files carry over), validated on
 creation, and its conversion to and from the dict that peft 0.21 writes."""
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
+
+from fastpeft.model.method_config import refuse_nulls
+from fastpeft.modules import lora_args
 
 ALL_LINEAR = "all-linear"
 BIASES = ("none", "all", "lora_only")
@@ -50,11 +52,9 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self):
-        _check_rank("r", self.r)
-        _check_number("lora_alpha", self.lora_alpha)
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-                or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        lora_args.check_rank("r", self.r)
+        lora_args.check_alpha("lora_alpha", self.lora_alpha)
+        lora_args.check_dropout("lora_dropout", self.lora_dropout)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
@@ -67,10 +67,10 @@ class LoraConfig:
                              f"got {self.init_lora_weights!r}")
         for key, value in self.rank_pattern.items():
             _check_pattern("rank_pattern", key)
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            lora_args.check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_pattern("alpha_pattern", key)
-            _check_number(f"alpha_pattern[{key!r}]", value)
+            lora_args.check_alpha(f"alpha_pattern[{key!r}]", value)
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
 
@@ -110,6 +110,7 @@ class LoraConfig:
             raise ValueError(f"{source} uses PEFT features fastpeft does not support: {turned_on}")
         if config.get("target_modules") is None:
             raise ValueError(f"{source}: target_modules is missing or null")
+        refuse_nulls(cls, config, source, allowed=("rank_pattern", "alpha_pattern"))  # null there: no pattern
         known = {f.name for f in fields(cls)}
         kwargs = {key: value for key, value in config.items() if key in known and value is not None}
         kwargs.setdefault("rank_pattern", {})
@@ -122,16 +123,6 @@ class LoraConfig:
     def replace(self, **changes) -> "LoraConfig":
         """A copy with `changes`, validated again."""
         return replace(self, **changes)
-
-
-def _check_rank(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} (a LoRA rank) must be an int >= 1, got {value!r}")
-
-
-def _check_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
-        raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
 
 
 def _check_pattern(name: str, key) -> None:

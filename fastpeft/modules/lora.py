@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastpeft import backends
-from fastpeft.ops import checks
+from fastpeft.modules import lora_args
 from fastpeft.ops.lora import lora_linear
 
 INITS = ("default", "gaussian", "zeros")
@@ -55,8 +55,6 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = linear_features(base_layer)
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.settings: dict[str, LoraSettings] = {}
@@ -66,6 +64,9 @@ class LoraLinear(nn.Module):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.merged_adapter: str | None = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, dtype)
+        # Frozen only once add_adapter has validated everything: a refused layer leaves the caller's as it was.
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -83,10 +84,9 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
         if name in self.settings:
             raise ValueError(f"adapter {name!r} already exists on this layer (have {sorted(self.settings)})")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r (the LoRA rank) must be an int >= 1, got {r!r}")
-        checks.check_finite("lora_alpha", lora_alpha)
-        checks.check_probability("lora_dropout", lora_dropout)
+        lora_args.check_rank("r", r)
+        lora_alpha = lora_args.check_alpha("lora_alpha", lora_alpha)
+        lora_dropout = lora_args.check_dropout("lora_dropout", lora_dropout)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -95,7 +95,7 @@ class LoraLinear(nn.Module):
         dtype = dtype or weight.dtype
         self.lora_A[name] = nn.Parameter(weight.new_empty(r, self.in_features, dtype=dtype))
         self.lora_B[name] = nn.Parameter(weight.new_empty(self.out_features, r, dtype=dtype))
-        self.settings[name] = LoraSettings(r, float(lora_alpha), float(lora_dropout), bool(use_rslora))
+        self.settings[name] = LoraSettings(r, lora_alpha, lora_dropout, bool(use_rslora))
         self.reset_adapter(name, init)
         self.active_adapter = name
 
