@@ -316,12 +316,12 @@ def test_save_is_atomic_and_needs_a_known_adapter(tmp_path, monkeypatch):
     model, directory = saved(tmp_path, AdapterConfig(bottleneck=8))
     files = {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
     randomize(model, seed=1)
-    import fastpeft.model.adapter_io as adapter_io
+    import fastpeft.model.files as adapter_files
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", fail)
+    monkeypatch.setattr(adapter_files, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, directory)
     assert {name: (directory / name).read_bytes() for name in files} == files
