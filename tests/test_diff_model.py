@@ -513,7 +513,7 @@ def test_bad_files_are_named_and_leave_the_model_unchanged(tmp_path, damage, mes
         load_adapter(model, directory)
     assert str(directory / "adapter_config.json") in str(error.value) or \
         f"{directory / 'adapter_model.safetensors'} does not fit a diff pruning adapter of GPT2Model" in \
-        str(error.value) or "not a readable safetensors file" in message
+        str(error.value) or "not a readable safetensors file" in message or "holds non-finite values" in message
     assert_unchanged(model, before)
     assert not diff_names(model)
 
