@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import dropout_col_key, dropout_keep, dropout_row_key
+from .autotune import INTERPRET, KernelSpec, autotuned, config, family, precision
+from .dropout import dropout_args, dropout_col_key, dropout_keep, dropout_row_key
 from .layout import int32_columns, unit_stride
-from .lora import INTERPRET, KernelSpec, _autotuned, _config, _dropout_args, _family, _precision
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 MAX_WIDTH = 256
@@ -33,8 +33,8 @@ MAX_WIDTH = 256
 # BLOCK_D stays at 64 (bf16 / fp16) or 32 (fp32). BLOCK_M = 64 is one Hopper warpgroup's wgmma M; 8 warps hold
 # the [BLOCK_M, m] fp32 bottleneck (4 warps would spill at m = 256, and take 3-5x longer to compile).
 CONFIGS = {
-    "lowp": [_config(8, 3, BLOCK_M=64, BLOCK_D=64)],
-    "fp32": [_config(8, 2, BLOCK_M=64, BLOCK_D=32)],
+    "lowp": [config(8, 3, BLOCK_M=64, BLOCK_D=64)],
+    "fp32": [config(8, 2, BLOCK_M=64, BLOCK_D=32)],
 }
 
 
@@ -131,7 +131,7 @@ def _adapter_forward_kernel(
                  mask=md_in)
 
 
-_adapter_forward = _autotuned(_adapter_forward_kernel, CONFIGS, key=["M", "D", "W"])
+_adapter_forward = autotuned(_adapter_forward_kernel, CONFIGS, key=["M", "D", "W"])
 
 
 def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, scaling: float, p: float, seed):
@@ -143,14 +143,14 @@ def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, sc
     r = h if residual is None else int32_columns(residual)
     y = torch.empty((M, D), device=h.device, dtype=h.dtype)
     z = torch.empty((M, W), device=h.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = _dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _adapter_forward[_family(h.dtype)][grid](
+    _adapter_forward[family(h.dtype)][grid](
         h, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up, r, y, z,
         M, D, W, h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
         r.stride(0), r.stride(1), y.stride(0), y.stride(1), z.stride(0), float(scaling), seed, threshold, keep_scale,
         HAS_BD=b_down is not None, HAS_BU=b_up is not None, DROPOUT=dropout, ACTIVATION=ACTIVATION_IDS[activation],
-        W_PAD=_width_pad(W), PRECISION=_precision(h.dtype), UPCAST=INTERPRET)
+        W_PAD=_width_pad(W), PRECISION=precision(h.dtype), UPCAST=INTERPRET)
     return y, z
 
 
@@ -201,8 +201,8 @@ def _adapter_backward_up_kernel(
     tl.atomic_add(dbd_ptr + offs_w, tl.sum(dz, axis=0), mask=w_in)
 
 
-_adapter_backward_up = _autotuned(_adapter_backward_up_kernel, CONFIGS, key=["M", "D", "W"],
-                                  reset_to_zero=["dwu_ptr", "dbu_ptr", "dbd_ptr"])
+_adapter_backward_up = autotuned(_adapter_backward_up_kernel, CONFIGS, key=["M", "D", "W"],
+                                 reset_to_zero=["dwu_ptr", "dbu_ptr", "dbd_ptr"])
 
 
 def adapter_backward_up(dy, w_up, z, activation: str, scaling: float):
@@ -215,10 +215,10 @@ def adapter_backward_up(dy, w_up, z, activation: str, scaling: float):
     dbu = torch.zeros(D, device=dy.device, dtype=torch.float32)
     dbd = torch.zeros(W, device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _adapter_backward_up[_family(dy.dtype)][grid](
+    _adapter_backward_up[family(dy.dtype)][grid](
         dy, w_up, z, dz, dwu, dbu, dbd, M, D, W, dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1),
         z.stride(0), dz.stride(0), float(scaling), ACTIVATION=ACTIVATION_IDS[activation], W_PAD=_width_pad(W),
-        PRECISION=_precision(dy.dtype), UPCAST=INTERPRET)
+        PRECISION=precision(dy.dtype), UPCAST=INTERPRET)
     return dz, dwu, dbu, dbd
 
 
@@ -278,8 +278,8 @@ def _adapter_backward_down_kernel(
                      mask=md_in)
 
 
-_adapter_backward_down = _autotuned(_adapter_backward_down_kernel, CONFIGS, key=["M", "D", "W"],
-                                    reset_to_zero=["dwd_ptr"])
+_adapter_backward_down = autotuned(_adapter_backward_down_kernel, CONFIGS, key=["M", "D", "W"],
+                                   reset_to_zero=["dwd_ptr"])
 
 
 def adapter_backward_down(dy, dz, w_down, h, p: float, seed, need_dh: bool, add_dy: bool):
@@ -289,14 +289,14 @@ def adapter_backward_down(dy, dz, w_down, h, p: float, seed, need_dh: bool, add_
     W = w_down.shape[0]
     dh = torch.empty((M, D), device=h.device, dtype=h.dtype) if need_dh else None
     dwd = torch.zeros((W, D), device=h.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = _dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
     dh_arg = dh if need_dh else h  # never written when NEED_DH is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _adapter_backward_down[_family(h.dtype)][grid](
+    _adapter_backward_down[family(h.dtype)][grid](
         dy, dz, w_down, h, dh_arg, dwd, M, D, W, dy.stride(0), dy.stride(1), dz.stride(0), w_down.stride(0),
         w_down.stride(1), h.stride(0), h.stride(1), dh_arg.stride(0), dh_arg.stride(1), seed, threshold, keep_scale,
         NEED_DH=need_dh, ADD_DY=need_dh and add_dy, DROPOUT=dropout, W_PAD=_width_pad(W),
-        PRECISION=_precision(h.dtype), UPCAST=INTERPRET)
+        PRECISION=precision(h.dtype), UPCAST=INTERPRET)
     return dh, dwd
 
 
@@ -304,7 +304,7 @@ def adapter_backward_down(dy, dz, w_down, h, p: float, seed, need_dh: bool, add_
 # Registry for the ahead-of-time compile test (tests/test_triton_aot.py): worst case m = 256, gelu, dropout on.
 # ---------------------------------------------------------------------------------------------------------------
 def _worst_case(dtype, **extra):
-    return {"W_PAD": MAX_WIDTH, "PRECISION": _precision(dtype), "UPCAST": False, **extra}
+    return {"W_PAD": MAX_WIDTH, "PRECISION": precision(dtype), "UPCAST": False, **extra}
 
 
 _F32 = "*fp32"

@@ -4,6 +4,7 @@ An element at logical position (row, col) of the flattened `[M, K]` input is kep
     mix32(mix32(row ^ seed) + col * 0x9E3779B9) >= threshold          (uint32 arithmetic, mod 2**32)
 Kernels hash a row vector once (`dropout_row_key`), a column vector once per K step (`dropout_col_key`),
 and broadcast the two in `dropout_keep`, so a [BLOCK_M, BLOCK_K] mask costs one mix32 per element.
+`dropout_args` turns a launcher's (p, seed) into the kernels' dropout arguments.
 """
 import torch
 import triton
@@ -62,3 +63,12 @@ def dropout_hash_grid(seed: int, rows: int, cols: int, device) -> torch.Tensor:
     block = 32
     dropout_hash_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](out, rows, cols, seed, BLOCK=block)
     return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def dropout_args(p: float, seed):
+    """Launcher arguments (seed, uint32 threshold, 1/(1-p), DROPOUT constexpr) for a seed given as an int or a
+    one-element CPU tensor; p == 0 compiles kernels with no RNG at all.
+    The threshold is `fastpeft.ops.dropout.keep_threshold(p)` (kernels may not import fastpeft; a test checks)."""
+    if p == 0.0:
+        return 0, 0, 1.0, False
+    return int(seed), min(int(p * 2.0**32), 0xFFFFFFFF), 1.0 / (1.0 - p), True

@@ -13,29 +13,16 @@ mantissa bits (finer than casting them to bf16, at a cost that is small next to 
 Dropout is applied as `where(keep, x, 0)` on the input-dtype tile (exact) and the 1/(1-p) factor multiplies the
 fp32 accumulator, so dropout adds no rounding.
 """
-import inspect
-import os
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import triton
 import triton.language as tl
 
-from .dropout import dropout_hash_kernel, dropout_col_key, dropout_keep, dropout_row_key
+from .autotune import INTERPRET, KernelSpec, autotuned, config, family, precision
+from .dropout import dropout_args, dropout_hash_kernel, dropout_col_key, dropout_keep, dropout_row_key
 from .layout import int32_columns, unit_stride
-
-# Under TRITON_INTERPRET=1 (CPU tests) one small config keeps runs fast, and tiles are upcast to fp32 right
-# after loading because the interpreter does arithmetic on the raw bits of bf16 values.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Grouped (swizzled) tile order: GROUP_M row-blocks share each column-block, so their operand tiles stay in L2.
 GROUP_M = tl.constexpr(8)
-
-
-def _config(warps, stages, **blocks):
-    return triton.Config(blocks, num_warps=warps, num_stages=stages)
-
 
 # Autotune configs per input family: "lowp" (bf16 / fp16, tensor cores) and "fp32" (exact fp32 FMA dots, whose
 # operand tiles take twice the shared memory and whose fully unrolled FMA code is slow to build, so the fp32
@@ -47,76 +34,47 @@ CONFIGS = {
     # 8 warps); 64x128 serves skinny or small problems.
     "gemm": {
         "lowp": [
-            _config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
-            _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-            _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+            config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+            config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+            config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
         ],
         "fp32": [
-            _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
-            _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+            config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
+            config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         ],
     },
     # Memory-bound passes over one activation (x for S, dy for G): wide K blocks stream it. BLOCK_M >= 64 so
     # that sm_90 builds use wgmma (one warpgroup covers 64 rows).
     "shrink": {
         "lowp": [
-            _config(4, 3, BLOCK_M=64, BLOCK_K=128),
-            _config(8, 3, BLOCK_M=128, BLOCK_K=64),
+            config(4, 3, BLOCK_M=64, BLOCK_K=128),
+            config(8, 3, BLOCK_M=128, BLOCK_K=64),
         ],
-        "fp32": [_config(4, 3, BLOCK_M=64, BLOCK_K=32)],
+        "fp32": [config(4, 3, BLOCK_M=64, BLOCK_K=32)],
     },
     # One pass over dy for G and dB.
     "backward_shrink": {
         "lowp": [
-            _config(4, 3, BLOCK_M=64, BLOCK_N=128),
-            _config(8, 3, BLOCK_M=128, BLOCK_N=64),
+            config(4, 3, BLOCK_M=64, BLOCK_N=128),
+            config(8, 3, BLOCK_M=128, BLOCK_N=64),
         ],
-        "fp32": [_config(4, 3, BLOCK_M=64, BLOCK_N=32)],
+        "fp32": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
     },
     # Decode: all rows in one block; programs split N, so narrow N blocks give more programs to stream w
     # (N = 4096 with BLOCK_N = 32 is 128 programs, about one per H100 SM).
     "small": {
         "lowp": [
-            _config(4, 3, BLOCK_N=32, BLOCK_K=128),
-            _config(4, 4, BLOCK_N=64, BLOCK_K=128),
+            config(4, 3, BLOCK_N=32, BLOCK_K=128),
+            config(4, 4, BLOCK_N=64, BLOCK_K=128),
         ],
-        "fp32": [_config(4, 3, BLOCK_N=32, BLOCK_K=64)],
+        "fp32": [config(4, 3, BLOCK_N=32, BLOCK_K=64)],
     },
 }
-
-
-def _family(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "lowp"
-
-
-def _autotuned(kernel, configs: dict, **autotune_kwargs) -> dict:
-    """One autotuner per input family; under the interpreter one 16-wide config with the same block names."""
-    tuned = {}
-    for family, family_configs in configs.items():
-        if INTERPRET:
-            family_configs = [_config(4, 1, **{name: 16 for name in family_configs[0].kwargs})]
-        tuned[family] = triton.autotune(family_configs, **autotune_kwargs)(kernel)
-    return tuned
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """`ieee` (exact fp32) for fp32 inputs; `tf32` for the fp32-operand dots of bf16 / fp16 inputs (exact for
-    their input-dtype operand). Dots with two bf16 / fp16 operands ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _r_pad(r: int) -> int:
     """tl.dot needs every dimension >= 16: ranks 1..64 are padded to a power of two >= 16 and masked."""
     return max(16, triton.next_power_of_2(r))
-
-
-def _dropout_args(p: float, seed):
-    """(seed, uint32 threshold, 1/(1-p), DROPOUT constexpr) for a seed given as an int or a one-element CPU tensor;
-    p == 0 compiles kernels with no RNG at all.
-    The threshold is `fastpeft.ops.dropout.keep_threshold(p)` (kernels may not import fastpeft; a test checks)."""
-    if p == 0.0:
-        return 0, 0, 1.0, False
-    return int(seed), min(int(p * 2.0**32), 0xFFFFFFFF), 1.0 / (1.0 - p), True
 
 
 @triton.jit
@@ -170,7 +128,7 @@ def _lora_shrink_kernel(
     tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-_lora_shrink = _autotuned(_lora_shrink_kernel, CONFIGS["shrink"], key=["M", "K", "R"])
+_lora_shrink = autotuned(_lora_shrink_kernel, CONFIGS["shrink"], key=["M", "K", "R"])
 
 
 def lora_shrink(x: torch.Tensor, down: torch.Tensor, p: float = 0.0, seed=0) -> torch.Tensor:
@@ -179,11 +137,11 @@ def lora_shrink(x: torch.Tensor, down: torch.Tensor, p: float = 0.0, seed=0) -> 
     M, K = x.shape
     R = down.shape[0]
     out = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = _dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _lora_shrink[_family(x.dtype)][grid](x, down, out, M, K, R, x.stride(0), x.stride(1), down.stride(0), down.stride(1),
+    _lora_shrink[family(x.dtype)][grid](x, down, out, M, K, R, x.stride(0), x.stride(1), down.stride(0), down.stride(1),
                        out.stride(0), seed, threshold, keep_scale, DROPOUT=dropout, R_PAD=_r_pad(R),
-                       PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
+                       PRECISION=precision(x.dtype), UPCAST=INTERPRET)
     return out
 
 
@@ -234,7 +192,7 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
-_lora_forward = _autotuned(_lora_forward_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"])
+_lora_forward = autotuned(_lora_forward_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"])
 
 
 def lora_forward(x, w, bias, s_mat, b, scaling: float) -> torch.Tensor:
@@ -245,10 +203,10 @@ def lora_forward(x, w, bias, s_mat, b, scaling: float) -> torch.Tensor:
     R = b.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_forward[_family(x.dtype)][grid](x, w, bias if bias is not None else x, s_mat, b, y, M, N, K, R,
+    _lora_forward[family(x.dtype)][grid](x, w, bias if bias is not None else x, s_mat, b, y, M, N, K, R,
                         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s_mat.stride(0), s_mat.stride(1),
                         b.stride(0), b.stride(1), y.stride(0), y.stride(1), float(scaling),
-                        HAS_BIAS=bias is not None, R_PAD=_r_pad(R), PRECISION=_precision(x.dtype),
+                        HAS_BIAS=bias is not None, R_PAD=_r_pad(R), PRECISION=precision(x.dtype),
                         UPCAST=INTERPRET)
     return y
 
@@ -313,7 +271,7 @@ def _lora_forward_small_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
-_lora_forward_small = _autotuned(_lora_forward_small_kernel, CONFIGS["small"], key=["M", "N", "K", "R"])
+_lora_forward_small = autotuned(_lora_forward_small_kernel, CONFIGS["small"], key=["M", "N", "K", "R"])
 
 SMALL_M_MAX = 64  # largest M the single-launch decode kernel is meant for
 
@@ -326,14 +284,14 @@ def lora_forward_small(x, w, bias, a, b, scaling: float, p: float = 0.0, seed=0)
     R = a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s_mat = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = _dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_forward_small[_family(x.dtype)][grid](x, w, bias if bias is not None else x, a, b, y, s_mat, M, N, K, R,
+    _lora_forward_small[family(x.dtype)][grid](x, w, bias if bias is not None else x, a, b, y, s_mat, M, N, K, R,
                               x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
                               b.stride(0), b.stride(1), y.stride(0), y.stride(1), s_mat.stride(0),
                               float(scaling), seed, threshold, keep_scale,
                               HAS_BIAS=bias is not None, DROPOUT=dropout, R_PAD=_r_pad(R),
-                              PRECISION=_precision(x.dtype), UPCAST=INTERPRET,
+                              PRECISION=precision(x.dtype), UPCAST=INTERPRET,
                               BLOCK_M=max(16, triton.next_power_of_2(M)))
     return y, s_mat
 
@@ -378,8 +336,8 @@ def _lora_backward_shrink_kernel(
              mask=m_in[:, None] & r_in[None, :])
 
 
-_lora_backward_shrink = _autotuned(_lora_backward_shrink_kernel, CONFIGS["backward_shrink"], key=["M", "N", "R"],
-                                   reset_to_zero=["db_ptr"])
+_lora_backward_shrink = autotuned(_lora_backward_shrink_kernel, CONFIGS["backward_shrink"], key=["M", "N", "R"],
+                                  reset_to_zero=["db_ptr"])
 
 
 def lora_backward_shrink(dy, b, s_mat, scaling: float):
@@ -391,9 +349,9 @@ def lora_backward_shrink(dy, b, s_mat, scaling: float):
     g = torch.empty((M, R), device=dy.device, dtype=torch.float32)
     db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _lora_backward_shrink[_family(dy.dtype)][grid](dy, b, s_mat, g, db, M, N, R, dy.stride(0), dy.stride(1), b.stride(0),
+    _lora_backward_shrink[family(dy.dtype)][grid](dy, b, s_mat, g, db, M, N, R, dy.stride(0), dy.stride(1), b.stride(0),
                                 b.stride(1), s_mat.stride(0), s_mat.stride(1), g.stride(0), db.stride(0),
-                                float(scaling), R_PAD=_r_pad(R), PRECISION=_precision(dy.dtype),
+                                float(scaling), R_PAD=_r_pad(R), PRECISION=precision(dy.dtype),
                                 UPCAST=INTERPRET)
     return g, db
 
@@ -465,8 +423,8 @@ def _lora_backward_dx_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mk_in)
 
 
-_lora_backward_dx = _autotuned(_lora_backward_dx_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"],
-                               reset_to_zero=["da_ptr"])
+_lora_backward_dx = autotuned(_lora_backward_dx_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"],
+                              reset_to_zero=["da_ptr"])
 
 
 def lora_backward_dx(dy, w, g, a, x, p: float, seed, need_dx: bool = True):
@@ -478,14 +436,14 @@ def lora_backward_dx(dy, w, g, a, x, p: float, seed, need_dx: bool = True):
     R = a.shape[0]
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
     da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = _dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
     dx_arg = dx if need_dx else x  # never written when NEED_DX is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    _lora_backward_dx[_family(x.dtype)][grid](dy, w, g, a, x, dx_arg, da, M, N, K, R,
+    _lora_backward_dx[family(x.dtype)][grid](dy, w, g, a, x, dx_arg, da, M, N, K, R,
                             dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), g.stride(0), g.stride(1),
                             a.stride(0), a.stride(1), x.stride(0), x.stride(1), dx_arg.stride(0),
                             dx_arg.stride(1), da.stride(0), seed, threshold, keep_scale,
-                            NEED_DX=need_dx, DROPOUT=dropout, R_PAD=_r_pad(R), PRECISION=_precision(x.dtype),
+                            NEED_DX=need_dx, DROPOUT=dropout, R_PAD=_r_pad(R), PRECISION=precision(x.dtype),
                             UPCAST=INTERPRET)
     return dx, da
 
@@ -493,41 +451,8 @@ def lora_backward_dx(dy, w, g, a, x, p: float, seed, need_dx: bool = True):
 # ---------------------------------------------------------------------------------------------------------------
 # Registry for the ahead-of-time compile test (tests/test_triton_aot.py)
 # ---------------------------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One jit kernel, its GPU autotune configs, and how to build its ahead-of-time signature."""
-    name: str
-    fn: object  # the @triton.jit function (not an autotuner)
-    configs: dict  # input family ("lowp" / "fp32") -> GPU configs
-    ptr_types: dict  # pointer arguments of a fixed type, e.g. {"s_ptr": "*fp32"}; the others take the input dtype
-    constexprs: Callable[[torch.dtype], dict]  # the non-tuned constexprs, worst case (rank 64, dropout on)
-    gemm: bool  # a big tensor-core GEMM: its bf16 / fp16 sm_90 builds must use wgmma
-    dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16)
-
-    def configs_for(self, dtype: torch.dtype) -> list:
-        return self.configs[_family(dtype)]
-
-    def signature(self, dtype: torch.dtype, config) -> tuple:
-        """(signature, constexprs) for `triton.compiler.ASTSource` with this config's block sizes."""
-        constexprs = {**self.constexprs(dtype), **config.kwargs}
-        signature = {}
-        for name in inspect.signature(getattr(self.fn, "fn", self.fn)).parameters:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = self.ptr_types.get(name, "*" + _TRITON_DTYPE[dtype])
-            elif name in ("scaling", "keep_scale"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-        return signature, constexprs
-
-
 def _worst_case(dtype, **extra):
-    return {"R_PAD": 64, "PRECISION": _precision(dtype), "UPCAST": False, **extra}
+    return {"R_PAD": 64, "PRECISION": precision(dtype), "UPCAST": False, **extra}
 
 
 _F32 = "*fp32"
@@ -543,6 +468,6 @@ KERNELS = [
     KernelSpec("lora_backward_dx", _lora_backward_dx_kernel, CONFIGS["gemm"], {"g_ptr": _F32, "da_ptr": _F32},
                lambda dt: _worst_case(dt, NEED_DX=True, DROPOUT=True), gemm=True),
     # The hash-only kernel of kernels/dropout.py (a test hook); its helpers are built into the kernels above.
-    KernelSpec("dropout_hash", dropout_hash_kernel, {"fp32": [_config(4, 1, BLOCK=32)]}, {"out_ptr": "*i32"},
+    KernelSpec("dropout_hash", dropout_hash_kernel, {"fp32": [config(4, 1, BLOCK=32)]}, {"out_ptr": "*i32"},
                lambda dt: {}, gemm=False, dtypes=(torch.float32,)),
 ]

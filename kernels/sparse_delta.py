@@ -26,20 +26,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import INTERPRET, KernelSpec, autotuned, config, family
 from .layout import unit_stride
-from .lora import INTERPRET, KernelSpec, _autotuned, _config, _family
 
 # [BLOCK_M, BLOCK_NNZ] tiles of 8K elements (a 64-register fp32 accumulator per thread on 4 warps). bf16 / fp16
 # take BLOCK_M = 128, fp32 BLOCK_M = 64 (256 contiguous bytes of a bt row either way); the second config of each
 # family trades nonzeros for longer rows, for masks whose nonzeros spread over many mask rows.
 CONFIGS = {
     "sddmm": {
-        "lowp": [_config(4, 3, BLOCK_NNZ=64, BLOCK_M=128), _config(4, 3, BLOCK_NNZ=32, BLOCK_M=256)],
-        "fp32": [_config(4, 3, BLOCK_NNZ=128, BLOCK_M=64), _config(4, 3, BLOCK_NNZ=64, BLOCK_M=128)],
+        "lowp": [config(4, 3, BLOCK_NNZ=64, BLOCK_M=128), config(4, 3, BLOCK_NNZ=32, BLOCK_M=256)],
+        "fp32": [config(4, 3, BLOCK_NNZ=128, BLOCK_M=64), config(4, 3, BLOCK_NNZ=64, BLOCK_M=128)],
     },
     "scatter": {
-        "lowp": [_config(4, 1, BLOCK=1024)],
-        "fp32": [_config(4, 1, BLOCK=1024)],
+        "lowp": [config(4, 1, BLOCK=1024)],
+        "fp32": [config(4, 1, BLOCK=1024)],
     },
 }
 # Split M until there are this many programs per streaming multiprocessor, but give a split at least
@@ -81,7 +81,7 @@ def _sddmm_kernel(
     tl.store(out_ptr + split * NNZ + offs_j, tl.sum(acc, axis=0), mask=j_in)
 
 
-_sddmm = _autotuned(_sddmm_kernel, CONFIGS["sddmm"], key=["M", "C", "NNZ"])
+_sddmm = autotuned(_sddmm_kernel, CONFIGS["sddmm"], key=["M", "C", "NNZ"])
 
 
 def _splits(a: torch.Tensor, nnz_blocks: int) -> int:
@@ -101,14 +101,14 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     if nnz == 0 or M == 0:
         return torch.zeros(nnz, device=a.device, dtype=torch.float32)
     bt = b.t().contiguous()  # [C, M]: each nonzero's column of b is a contiguous row
-    smallest_block = min(c.kwargs["BLOCK_NNZ"] for c in _sddmm[_family(a.dtype)].configs)
+    smallest_block = min(c.kwargs["BLOCK_NNZ"] for c in _sddmm[family(a.dtype)].configs)
     splits = _splits(a, triton.cdiv(nnz, smallest_block))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), SPLIT_ALIGN) * SPLIT_ALIGN
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty((splits, nnz), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_NNZ"]), splits)
-    _sddmm[_family(a.dtype)][grid](a, bt, indices, partial, M, C, nnz, rows_per_split, a.stride(0), a.stride(1),
-                                   bt.stride(0))
+    _sddmm[family(a.dtype)][grid](a, bt, indices, partial, M, C, nnz, rows_per_split, a.stride(0), a.stride(1),
+                                  bt.stride(0))
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -141,7 +141,7 @@ def _scatter_kernel(
     tl.store(w_ptr + row * stride_wr + (position - row * C) * stride_wc, rounded, mask=j_in)
 
 
-_scatter = _autotuned(_scatter_kernel, CONFIGS["scatter"], key=["NNZ"])
+_scatter = autotuned(_scatter_kernel, CONFIGS["scatter"], key=["NNZ"])
 
 
 def scatter_delta_(weight: torch.Tensor, base_values: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
@@ -151,8 +151,8 @@ def scatter_delta_(weight: torch.Tensor, base_values: torch.Tensor, values: torc
         return weight
     base_values, values, indices = unit_stride(base_values), unit_stride(values), unit_stride(indices)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK"]),)
-    _scatter[_family(weight.dtype)][grid](weight, base_values, values, indices, weight.shape[1], nnz,
-                                          weight.stride(0), weight.stride(1))
+    _scatter[family(weight.dtype)][grid](weight, base_values, values, indices, weight.shape[1], nnz,
+                                         weight.stride(0), weight.stride(1))
     return weight
 
 

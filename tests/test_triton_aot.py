@@ -151,10 +151,10 @@ def test_dropout_hash_matches_reference(seed):
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9, 1 - 2**-30])
 def test_launcher_threshold_matches_reference(p):
     pytest.importorskip("triton")
-    from fastpeft.kernels.lora import _dropout_args
+    from fastpeft.kernels.dropout import dropout_args
     from fastpeft.ops.dropout import keep_threshold
 
-    assert _dropout_args(p, 7) == (7, keep_threshold(p), 1.0 / (1.0 - p), True)
+    assert dropout_args(p, 7) == (7, keep_threshold(p), 1.0 / (1.0 - p), True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from fastpeft.model.inject import (active_adapter, adapter_config, adapter_layer
                                    check_new_adapter, delete_adapter, lora_layers, saved_wrappers, set_adapter)
 from fastpeft.model.saved_module import ModulesToSave
 from fastpeft.model.targets import Target, find_saved_modules, find_targets
-from fastpeft.modules.lora import LoraLinear, linear_features
+from fastpeft.modules.linear import linear_features
+from fastpeft.modules.lora import LoraLinear
 
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from fastpeft.model.config import ALL_LINEAR, SEQ_CLS_HEADS, LoraConfig
 from fastpeft.model.saved_module import ModulesToSave
-from fastpeft.modules.lora import LoraLinear, is_conv1d
+from fastpeft.modules.linear import is_conv1d
+from fastpeft.modules.lora import LoraLinear
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.modules.hard_concrete import HardConcreteGate, check_gate_options
-from fastpeft.modules.lora import is_conv1d, linear_features
+from fastpeft.modules.linear import is_conv1d, linear_features
 from fastpeft.ops import checks
 
 

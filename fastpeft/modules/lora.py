@@ -14,6 +14,7 @@ from torch import nn
 
 from fastpeft import backends
 from fastpeft.modules import lora_args
+from fastpeft.modules.linear import is_conv1d, linear_features
 from fastpeft.ops.lora import lora_linear
 
 INITS = ("default", "gaussian", "zeros")
@@ -31,20 +32,6 @@ class LoraSettings:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D: a linear layer whose weight is stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    raise TypeError(f"expected an nn.Linear or transformers' Conv1D, got {type(module).__name__}")
 
 
 class LoraLinear(nn.Module):

@@ -12,7 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastpeft import backends
-from fastpeft.modules.lora import is_conv1d, linear_features
+from fastpeft.modules.linear import is_conv1d, linear_features
 from fastpeft.ops import checks
 from fastpeft.ops.sparse_delta import (check_index_tensor, check_indices, index_dtype, scatter_delta_,
                                        sparse_delta_linear, sparse_delta_linear_ref)
