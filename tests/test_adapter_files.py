@@ -1,4 +1,4 @@
-"""The adapter directory on disk (fastpeft.model.files): a save replaces both files as one, also when its writer is
+"""The adapter directory on disk (fastpeft.methods.files): a save replaces both files as one, also when its writer is
 killed at any step or another writer saves at the same time; bad files and bad paths are clear errors."""
 import json
 import os
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastpeft.model import (AdapterConfig, DiffPruningConfig, LoraConfig, inject, load_adapter, project_to_density,
+from fastpeft import (BottleneckConfig, DiffPruningConfig, LoraConfig, inject, load_adapter, project_to_density,
                             save_adapter)
-from fastpeft.model import files
-from fastpeft.model.inject import lora_layers
+from fastpeft.methods import files
+from fastpeft.methods.lora.targets import lora_layers
 from tests.model_cases import (assert_unchanged, gpt2_batch, hidden, minilm, randomize_adapter, snapshot,
                                tiny_gpt2)
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
@@ -200,8 +200,8 @@ def test_null_rank_pattern_means_no_pattern_as_in_peft(tmp_path):
     assert torch.equal(loaded_output(tmp_path), hidden(model, gpt2_batch()))
 
 
-@pytest.mark.parametrize("base, config, field", [(minilm, AdapterConfig(bottleneck=8), "activation"),
-                                                 (minilm, AdapterConfig(bottleneck=8), "placement"),
+@pytest.mark.parametrize("base, config, field", [(minilm, BottleneckConfig(bottleneck=8), "activation"),
+                                                 (minilm, BottleneckConfig(bottleneck=8), "placement"),
                                                  (tiny_gpt2, DiffPruningConfig(target_modules=["c_fc"], density=0.1),
                                                   "density")])
 def test_null_fields_of_other_methods_are_errors(tmp_path, base, config, field):

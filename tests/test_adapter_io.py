@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from fastpeft.model import LoraConfig, active_adapter, adapter_names, inject, load_adapter, save_adapter, set_adapter
-from fastpeft.model import files as adapter_files
-from fastpeft.model import io as adapter_io
-from fastpeft.model.inject import lora_layers
+from fastpeft import LoraConfig, active_adapter, adapter_config, adapter_names, inject, load_adapter, save_adapter, set_adapter
+from fastpeft.methods import files as adapter_files
+from fastpeft import api as adapter_io
+from fastpeft.methods.lora.targets import lora_layers
 from tests.budget import examples
 from tests.model_cases import (assert_unchanged, gpt2_batch, hidden, randomize_adapter, snapshot,
                                tiny_gpt2)
@@ -49,7 +49,7 @@ def test_save_then_load_round_trips_exactly(tmp_path_factory, r, alpha, rslora, 
     model, directory = saved(tmp_path_factory.mktemp("io"), config, seed)
     loaded = load_adapter(tiny_gpt2(), directory, adapter_name="restored")
     assert active_adapter(loaded) == "restored"
-    assert loaded._fastpeft_configs["restored"] == config.replace(base_model_name_or_path=None)
+    assert adapter_config(loaded, "restored") == config.replace(base_model_name_or_path=None)
     theirs = adapter_state(loaded, "restored")
     ours = {k.replace(".default", ".restored"): v for k, v in adapter_state(model).items()}
     assert theirs.keys() == ours.keys()

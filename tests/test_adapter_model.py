@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import fastpeft
 from fastpeft import demo
 from fastpeft.cli import main
 from fastpeft.demo import packaged_model_dir
-from fastpeft.model import (AdapterConfig, LoraConfig, delete_adapter, disable_adapters, inject, load_adapter, merge,
-                            merge_and_unload, save_adapter, set_adapter, trainable_parameters)
-from fastpeft.model.adapter_inject import BertParallelOutput, adapter_wrappers, bottleneck_names
+from fastpeft import (BottleneckConfig, LoraConfig, adapter_names, inject, load_adapter,
+                      merge, merge_and_unload, save_adapter, trainable_parameters)
+from fastpeft.methods.bottleneck.sites import BertParallelOutput, adapter_wrappers
 from fastpeft.modules.adapter import NEAR_IDENTITY_STD, BottleneckAdapter, ParallelAdapter, SerialAdapter
 from tests.model_cases import assert_unchanged, hidden, minilm, minilm_batch, snapshot, tiny_gpt2
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
@@ -113,29 +114,29 @@ def test_wrappers_compute_serial_and_parallel():
 # --- placements ---------------------------------------------------------------------------------------------------
 def test_minilm_placements():
     layers = [f"encoder.layer.{i}" for i in range(MINILM_LAYERS)]
-    houlsby = placed(inject(minilm(), AdapterConfig(placement="houlsby", bottleneck=8)))
+    houlsby = placed(inject(minilm(), BottleneckConfig(placement="houlsby", bottleneck=8)))
     assert houlsby == {**{f"{p}.attention.output.dropout": "SerialAdapter" for p in layers},
                        **{f"{p}.output.dropout": "SerialAdapter" for p in layers}}
-    pfeiffer = placed(inject(minilm(), AdapterConfig(placement="pfeiffer", bottleneck=8)))
+    pfeiffer = placed(inject(minilm(), BottleneckConfig(placement="pfeiffer", bottleneck=8)))
     assert pfeiffer == {f"{p}.output.dropout": "SerialAdapter" for p in layers}
-    parallel = placed(inject(minilm(), AdapterConfig(placement="parallel", bottleneck=8)))
+    parallel = placed(inject(minilm(), BottleneckConfig(placement="parallel", bottleneck=8)))
     assert parallel == {f"{p}.output": "BertParallelOutput" for p in layers}
 
 
 def test_llama_placements():
     layers = ["model.layers.0", "model.layers.1"]
-    houlsby = placed(inject(tiny_llama(), AdapterConfig(placement="houlsby", bottleneck=8)))
+    houlsby = placed(inject(tiny_llama(), BottleneckConfig(placement="houlsby", bottleneck=8)))
     assert houlsby == {**{f"{p}.self_attn.o_proj": "SerialAdapter" for p in layers},
                        **{f"{p}.mlp.down_proj": "SerialAdapter" for p in layers}}
-    pfeiffer = placed(inject(tiny_llama(), AdapterConfig(placement="pfeiffer", bottleneck=8)))
+    pfeiffer = placed(inject(tiny_llama(), BottleneckConfig(placement="pfeiffer", bottleneck=8)))
     assert pfeiffer == {f"{p}.mlp.down_proj": "SerialAdapter" for p in layers}
-    parallel = placed(inject(tiny_llama(), AdapterConfig(placement="parallel", bottleneck=8)))
+    parallel = placed(inject(tiny_llama(), BottleneckConfig(placement="parallel", bottleneck=8)))
     assert parallel == {f"{p}.mlp": "ParallelAdapter" for p in layers}
 
 
 def test_bert_serial_adapters_follow_the_projections_dropout_as_in_adapter_bert():
     """Training mode: LayerNorm(adapter(dropout(dense(h))) + input), the adapter seeing what dropout kept."""
-    model = inject(minilm(), AdapterConfig(placement="houlsby", bottleneck=8))
+    model = inject(minilm(), BottleneckConfig(placement="houlsby", bottleneck=8))
     randomize(model)
     model.train()
     for sublayer in (model.encoder.layer[0].attention.output, model.encoder.layer[0].output):
@@ -151,7 +152,7 @@ def test_bert_serial_adapters_follow_the_projections_dropout_as_in_adapter_bert(
 
 def test_bert_parallel_adapter_reads_the_ffn_input():
     """BertOutput with a parallel adapter: LayerNorm(dense(intermediate) + s * branch(ffn input) + ffn input)."""
-    model = inject(minilm(), AdapterConfig(placement="parallel", bottleneck=8, scaling=2.0))
+    model = inject(minilm(), BottleneckConfig(placement="parallel", bottleneck=8, scaling=2.0))
     randomize(model)
     output = model.encoder.layer[0].output
     assert isinstance(output, BertParallelOutput)
@@ -172,22 +173,22 @@ def test_bert_parallel_adapter_reads_the_ffn_input():
 def test_zero_up_is_exactly_the_base_model_and_near_identity_is_close(placement):
     reference = minilm_hidden(minilm())
     for layer_norm in (False, True):
-        zero_up = AdapterConfig(placement=placement, bottleneck=16, init="zero-up", layer_norm=layer_norm)
+        zero_up = BottleneckConfig(placement=placement, bottleneck=16, init="zero-up", layer_norm=layer_norm)
         assert torch.equal(minilm_hidden(inject(minilm(), zero_up)), reference)
-    near = minilm_hidden(inject(minilm(), AdapterConfig(placement=placement, bottleneck=16, init="near-identity")))
+    near = minilm_hidden(inject(minilm(), BottleneckConfig(placement=placement, bottleneck=16, init="near-identity")))
     assert 0 < (near - reference).norm() < 0.05 * reference.norm()
     llama = tiny_llama()
-    assert torch.equal(llama_logits(inject(copy.deepcopy(llama), AdapterConfig(placement=placement, bottleneck=8,
+    assert torch.equal(llama_logits(inject(copy.deepcopy(llama), BottleneckConfig(placement=placement, bottleneck=8,
                                                                                init="zero-up"))),
                        llama_logits(llama))
 
 
 def test_default_init_is_zero_up_for_parallel_adapters_only():
-    assert [AdapterConfig(placement=p, bottleneck=8).init for p in PLACEMENTS] == ["near-identity", "near-identity",
+    assert [BottleneckConfig(placement=p, bottleneck=8).init for p in PLACEMENTS] == ["near-identity", "near-identity",
                                                                                    "zero-up"]
-    assert AdapterConfig(placement="parallel", bottleneck=8, init="near-identity").init == "near-identity"
+    assert BottleneckConfig(placement="parallel", bottleneck=8, init="near-identity").init == "near-identity"
     llama = tiny_llama()
-    assert torch.equal(llama_logits(inject(copy.deepcopy(llama), AdapterConfig(placement="parallel", bottleneck=8))),
+    assert torch.equal(llama_logits(inject(copy.deepcopy(llama), BottleneckConfig(placement="parallel", bottleneck=8))),
                        llama_logits(llama))
 
 
@@ -195,13 +196,13 @@ def test_unknown_architecture_names_its_module_types():
     model = tiny_gpt2()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"GPT2Model has neither. Its module types: \['GPT2Model', .*'GPT2Block'"):
-        inject(model, AdapterConfig(bottleneck=8))
+        inject(model, BottleneckConfig(bottleneck=8))
     assert_unchanged(model, before)
 
 
 # --- trainable parameters, merge, mixing ------------------------------------------------------------------------
 def test_only_adapters_and_modules_to_save_train():
-    model = inject(tiny_llama(), AdapterConfig(placement="houlsby", bottleneck=8, layer_norm=True,
+    model = inject(tiny_llama(), BottleneckConfig(placement="houlsby", bottleneck=8, layer_norm=True,
                                                modules_to_save=["lm_head"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter." in n or n.startswith("lm_head.modules_to_save.default.") for n in trainable)
@@ -210,29 +211,24 @@ def test_only_adapters_and_modules_to_save_train():
     assert trainable_parameters(model)[0] == 4 * per_adapter + 100 * 64
 
 
-def test_merge_is_refused_and_methods_do_not_mix():
-    model = inject(tiny_llama(), AdapterConfig(bottleneck=8))
+def test_merge_is_refused_and_a_model_holds_one_bottleneck_adapter():
+    model = inject(tiny_llama(), BottleneckConfig(bottleneck=8))
     before = snapshot(model)
     for fn in (merge, merge_and_unload):
         with pytest.raises(ValueError, match="cannot be merged.*nonlinear"):
             fn(model)
-    with pytest.raises(ValueError, match="LoRA adapters go into a model without one"):
-        inject(model, LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already has bottleneck adapter 'default'"):
-        inject(model, AdapterConfig(bottleneck=4), adapter_name="other")
-    for name, call in (("set_adapter", lambda: set_adapter(model, "default")),
-                       ("delete_adapter", lambda: delete_adapter(model, "default")),
-                       ("disable_adapters", lambda: disable_adapters(model).__enter__())):
-        with pytest.raises(ValueError, match=rf"{name} manages LoRA adapters; .* holds bottleneck adapters"):
-            call()
+    with pytest.raises(ValueError, match="already has bottleneck adapter 'default'; a model holds one"):
+        inject(model, BottleneckConfig(bottleneck=4), adapter_name="other")
+    with pytest.raises(ValueError, match="LoRA adapter 'lora' would adapt 'model.layers.0.self_attn.o_proj', where "
+                                         "bottleneck adapter 'default' sits"):
+        inject(model, LoraConfig(target_modules=["o_proj"]), adapter_name="lora")
     assert_unchanged(model, before)
-    lora = inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already holds fastpeft LoRA adapters"):
-        inject(lora, AdapterConfig(bottleneck=8))
+    inject(model, LoraConfig(target_modules=["q_proj"]), adapter_name="lora")  # other modules: both run
+    assert adapter_names(model) == ["default", "lora"]
 
 
 # --- save / load --------------------------------------------------------------------------------------------------
-def saved(tmp_path, config: AdapterConfig):
+def saved(tmp_path, config: BottleneckConfig):
     model = inject(tiny_llama(), config)
     randomize(model)
     save_adapter(model, tmp_path / "adapter")
@@ -241,16 +237,16 @@ def saved(tmp_path, config: AdapterConfig):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_save_load_round_trip_is_exact(tmp_path, placement):
-    config = AdapterConfig(placement=placement, reduction_factor=8, activation="silu", layer_norm=True, scaling=2.0,
+    config = BottleneckConfig(placement=placement, reduction_factor=8, activation="silu", layer_norm=True, scaling=2.0,
                            modules_to_save=["lm_head"])
     model, directory = saved(tmp_path, config)
     written = json.loads((directory / "adapter_config.json").read_text())
-    assert written["method"] == "bottleneck_adapter" and written["placement"] == placement
-    assert AdapterConfig.from_dict(written).replace(base_model_name_or_path=None) == config
+    assert written["method"] == "bottleneck" and written["placement"] == placement
+    assert BottleneckConfig.from_dict(written).replace(base_model_name_or_path=None) == config
     keys = load_file(directory / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.") for k in keys) and "base_model.model.lm_head.weight" in keys
     loaded = load_adapter(tiny_llama(), directory)
-    assert bottleneck_names(loaded) == ["default"]
+    assert adapter_names(loaded) == ["default"]
     assert torch.equal(llama_logits(loaded), llama_logits(model))
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
@@ -286,26 +282,26 @@ def first_down(tensors) -> str:
                                                       '"bottleneck": 8}'), "unexpected keys .*o_proj.adapter"),
 ])
 def test_bad_files_are_named_and_leave_the_model_unchanged(tmp_path, damage, message):
-    _, directory = saved(tmp_path, AdapterConfig(placement="houlsby", bottleneck=8))
+    _, directory = saved(tmp_path, BottleneckConfig(placement="houlsby", bottleneck=8))
     damage(directory)
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         load_adapter(model, directory)
     assert_unchanged(model, before)
-    assert not bottleneck_names(model)
+    assert not adapter_names(model)
 
 
 def test_load_errors_for_models_that_cannot_take_the_adapter(tmp_path):
-    trained, directory = saved(tmp_path, AdapterConfig(bottleneck=8))
+    trained, directory = saved(tmp_path, BottleneckConfig(bottleneck=8))
     before = snapshot(trained)
-    with pytest.raises(ValueError, match="already has bottleneck adapter"):
+    with pytest.raises(ValueError, match=r"already has an adapter named 'default' \(bottleneck\)"):
         load_adapter(trained, directory)
     assert_unchanged(trained, before)
     gpt2 = tiny_gpt2()
     with pytest.raises(ValueError, match="GPT2Model has neither"):
         load_adapter(gpt2, directory)
-    assert not bottleneck_names(gpt2)
+    assert not adapter_names(gpt2)
     wider = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
     with pytest.raises(ValueError, match="shape mismatches"):
@@ -313,10 +309,10 @@ def test_load_errors_for_models_that_cannot_take_the_adapter(tmp_path):
 
 
 def test_save_is_atomic_and_needs_a_known_adapter(tmp_path, monkeypatch):
-    model, directory = saved(tmp_path, AdapterConfig(bottleneck=8))
+    model, directory = saved(tmp_path, BottleneckConfig(bottleneck=8))
     files = {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
     randomize(model, seed=1)
-    import fastpeft.model.files as adapter_files
+    import fastpeft.methods.files as adapter_files
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -343,20 +339,20 @@ def test_save_is_atomic_and_needs_a_known_adapter(tmp_path, monkeypatch):
 ])
 def test_bad_config_values_are_named(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        AdapterConfig(**kwargs)
+        BottleneckConfig(**kwargs)
 
 
 def test_config_errors_at_injection_leave_the_model_unchanged():
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(ValueError, match="modules_to_save=.*matches no module"):
-        inject(model, AdapterConfig(bottleneck=8, modules_to_save=["classifier"]))
+        inject(model, BottleneckConfig(bottleneck=8, modules_to_save=["classifier"]))
     with pytest.raises(ValueError, match="modules_to_save names 'model.layers.0.mlp'.*adapter site"):
-        inject(model, AdapterConfig(placement="parallel", bottleneck=8, modules_to_save=["layers.0.mlp"]))
+        inject(model, BottleneckConfig(placement="parallel", bottleneck=8, modules_to_save=["layers.0.mlp"]))
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.o_proj: .*no bottleneck for width d=64"):
-        inject(model, AdapterConfig(reduction_factor=100))
+        inject(model, BottleneckConfig(reduction_factor=100))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        inject("model", AdapterConfig(bottleneck=8))
+        inject("model", BottleneckConfig(bottleneck=8))
     assert_unchanged(model, before)
 
 
@@ -364,7 +360,7 @@ def test_config_errors_at_injection_leave_the_model_unchanged():
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_training_steps_reduce_the_loss_and_touch_only_adapters(placement):
     """With layer_norm: the random Llama's sublayer outputs are ~1e-3, too small for a serial adapter to learn fast."""
-    model = inject(tiny_llama(), AdapterConfig(placement=placement, bottleneck=16, dropout=0.1, layer_norm=True))
+    model = inject(tiny_llama(), BottleneckConfig(placement=placement, bottleneck=16, dropout=0.1, layer_norm=True))
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = llama_ids()
@@ -384,24 +380,32 @@ def test_training_steps_reduce_the_loss_and_touch_only_adapters(placement):
 def test_train_method_adapter_end_to_end(tmp_path, capsys):
     tiny_csv = write_csv(tmp_path / "reviews.csv", [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE])
     out = tmp_path / "adapter"
-    assert main(["train", "--method", "adapter", "--placement", "pfeiffer", "--bottleneck", "16",
+    assert main(["train", "--method", "bottleneck", "--placement", "pfeiffer", "--bottleneck", "16",
                  "--model", str(packaged_model_dir()), "--data", str(tiny_csv), "--text-column", "review",
                  "--label-column", "sentiment", "--output-dir", str(out), "--epochs", "1", "--batch-size", "4",
                  "--max-length", "32", "--test-fraction", "0.25"]) == 0
     printed = capsys.readouterr().out
     assert "bottleneck adapters (pfeiffer), bottleneck 16" in printed
-    assert "HF PEFT comparison skipped: PEFT has no bottleneck adapters" in printed
+    assert "HF PEFT comparison skipped: PEFT has no bottleneck adapter" in printed
     assert "reloaded" in printed and "merged" not in printed and "all checks passed" in printed
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["method"], config["placement"], config["bottleneck"]) == ("bottleneck_adapter", "pfeiffer", 16)
+    assert (config["method"], config["placement"], config["bottleneck"]) == ("bottleneck", "pfeiffer", 16)
     assert config["modules_to_save"] == ["classifier", "score"]
 
 
 def test_demo_method_adapter_is_wired_through(monkeypatch):
     """The full demo takes minutes on CPU; its run is the one `train` above exercises, so check the wiring here."""
-    config = demo.demo_config(method="adapter").lora
-    assert isinstance(config, AdapterConfig) and config.placement == "houlsby" and config.modules_to_save
+    config = demo.demo_config(method="bottleneck").config
+    assert isinstance(config, BottleneckConfig) and config.placement == "houlsby" and config.modules_to_save
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(kwargs) or [])
-    assert main(["demo", "--method", "adapter", "--epochs", "1"]) == 0
-    assert seen["method"] == "adapter" and seen["epochs"] == 1
+    assert main(["demo", "--method", "bottleneck", "--epochs", "1"]) == 0
+    assert seen["method"] == "bottleneck" and seen["epochs"] == 1
+
+
+def test_adapter_config_is_the_old_name_of_bottleneck_config_and_warns():
+    with pytest.warns(FutureWarning, match="AdapterConfig is now fastpeft.BottleneckConfig"):
+        old = fastpeft.AdapterConfig(bottleneck=8)
+    assert isinstance(old, BottleneckConfig) and old.to_dict() == BottleneckConfig(bottleneck=8).to_dict()
+    model = inject(tiny_llama(), old)
+    assert fastpeft.adapter_config(model, "default").bottleneck == 8

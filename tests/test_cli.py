@@ -12,7 +12,8 @@ import torch
 from fastpeft import demo
 from fastpeft.cli import main
 from fastpeft.demo import packaged_model_dir
-from fastpeft.model import DiffPruningConfig
+from fastpeft import DiffPruningConfig
+from fastpeft.methods.diff_pruning.method import DEMO_DENSITY
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIVE = ["I loved it.", "Wonderful service and great food.", "A delightful, clever film.", "Works perfectly.",
@@ -101,7 +102,7 @@ def test_settings_that_do_not_fit_the_model_are_usage_errors_before_any_work(cap
 
 def test_bad_diff_settings(capsys, tiny_csv):
     for bad in ("0", "1.5", "nan"):
-        assert "--density: must be in (0, 1]" in run_train(capsys, "--data", str(tiny_csv), "--method", "diff",
+        assert "--density: must be in (0, 1]" in run_train(capsys, "--data", str(tiny_csv), "--method", "diff_pruning",
                                                              "--density", bad)
     assert "--search-epochs: must be >= 1" in run_train(capsys, "--data", str(tiny_csv), "--search-epochs", "0")
 
@@ -156,11 +157,11 @@ def test_devices_that_cannot_train_are_refused_up_front(capsys, tiny_csv, no_wor
         usage_error(capsys, [*base, "--device", missing])
 
 
-TRAIN_MISFITS = [("adapter", "--target-modules", "nope"), ("adapter", "--r", "4"), ("adapter", "--lora-alpha", "8"),
-                 ("adapter", "--lora-dropout", "0.2"), ("adapter", "--density", "0.1"),
-                 ("lora", "--placement", "pfeiffer"), ("lora", "--bottleneck", "8"), ("lora", "--density", "0.1"),
-                 ("lora", "--search-epochs", "2"), ("diff", "--r", "4"), ("diff", "--bottleneck", "8"),
-                 (None, "--density", "0.1")]
+TRAIN_MISFITS = [("bottleneck", "--target-modules", "nope"), ("bottleneck", "--r", "4"),
+                 ("bottleneck", "--lora-alpha", "8"), ("bottleneck", "--lora-dropout", "0.2"),
+                 ("bottleneck", "--density", "0.1"), ("lora", "--placement", "pfeiffer"), ("lora", "--bottleneck", "8"),
+                 ("lora", "--density", "0.1"), ("lora", "--search-epochs", "2"), ("diff_pruning", "--r", "4"),
+                 ("diff_pruning", "--bottleneck", "8"), (None, "--density", "0.1")]
 
 
 @pytest.mark.parametrize("method, flag, value", TRAIN_MISFITS)
@@ -170,8 +171,8 @@ def test_train_flags_of_another_method_are_usage_errors(capsys, tiny_csv, no_wor
     assert f"{flag} does not apply to --method {method or 'lora'}" in err
 
 
-@pytest.mark.parametrize("method, flag, value", [("adapter", "--r", "4"), ("diff", "--r", "4"),
-                                                 ("lora", "--density", "0.1"), ("adapter", "--search-epochs", "2")])
+@pytest.mark.parametrize("method, flag, value", [("bottleneck", "--r", "4"), ("diff_pruning", "--r", "4"),
+                                                 ("lora", "--density", "0.1"), ("bottleneck", "--search-epochs", "2")])
 def test_demo_flags_of_another_method_are_usage_errors(capsys, no_work, method, flag, value):
     err = usage_error(capsys, ["demo", "--method", method, flag, value])
     assert f"{flag} does not apply to --method {method}" in err
@@ -180,20 +181,19 @@ def test_demo_flags_of_another_method_are_usage_errors(capsys, no_work, method, 
 def test_method_flags_take_their_defaults_when_not_given():
     from fastpeft.cli import parse_args
     train = ["train", "--model", "m", "--data", "d.csv", "--output-dir", "unused"]
-    lora = parse_args(train)
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 16.0, 0.1, "all-linear")
-    adapter = parse_args([*train, "--method", "adapter", "--bottleneck", "8"])
-    assert (adapter.placement, adapter.bottleneck) == ("houlsby", 8)
-    diff = parse_args([*train, "--method", "diff", "--target-modules", "query"])
-    assert (diff.target_modules, diff.density, diff.search_epochs) == (["query"], DiffPruningConfig.density, 1)
-    assert parse_args(["demo", "--method", "diff"]).density == demo.DIFF_DEMO["density"]
+    assert parse_args(train).options == {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": "all-linear"}
+    assert parse_args([*train, "--method", "bottleneck", "--bottleneck", "8"]).options == {"placement": "houlsby",
+                                                                                         "bottleneck": 8}
+    assert parse_args([*train, "--method", "diff_pruning", "--target-modules", "query"]).options == {
+        "target_modules": ["query"], "search_epochs": 1, "density": DiffPruningConfig.density}
+    assert parse_args(["demo", "--method", "diff_pruning"]).options == {"search_epochs": 1, "density": DEMO_DENSITY}
 
 
 def test_train_method_diff_end_to_end(tmp_path, capsys, tiny_csv):
     """Both stages on the tiny csv: 3 search steps, projection to 5% per weight, 3 fixed-mask steps; then the
     unmerge / merge / reload / merge_and_unload checks."""
     out = tmp_path / "adapter"
-    assert main(["train", "--method", "diff", "--search-epochs", "1", "--density", "0.05", "--model",
+    assert main(["train", "--method", "diff_pruning", "--search-epochs", "1", "--density", "0.05", "--model",
                  str(packaged_model_dir()), "--data", str(tiny_csv), "--text-column", "review", "--label-column",
                  "sentiment", "--output-dir", str(out), "--epochs", "1", "--batch-size", "4", "--max-length", "32",
                  "--target-modules", "query,value", "--test-fraction", "0.25"]) == 0
@@ -211,20 +211,20 @@ def test_train_method_diff_end_to_end(tmp_path, capsys, tiny_csv):
 
 def test_demo_method_diff_is_wired_through(monkeypatch):
     """The full demo takes about a minute on CPU; its run is the one `train` above exercises."""
-    cfg = demo.demo_config(method="diff", search_epochs=2, density=0.02)
-    assert isinstance(cfg.lora, DiffPruningConfig) and cfg.search_epochs == 2
-    assert cfg.lora.density == 0.02 and cfg.lora.modules_to_save == ("classifier",)
-    assert demo.demo_config(method="diff").lora.density == demo.DIFF_DEMO["density"]
+    cfg = demo.demo_config(method="diff_pruning", options={"search_epochs": 2, "density": 0.03})
+    assert isinstance(cfg.config, DiffPruningConfig) and cfg.options["search_epochs"] == 2
+    assert cfg.config.density == 0.03 and cfg.config.modules_to_save == ("classifier",)
+    assert demo.demo_config(method="diff_pruning").config.density == DEMO_DENSITY
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(kwargs) or [])
-    assert main(["demo", "--method", "diff", "--search-epochs", "2", "--density", "0.02"]) == 0
-    assert (seen["method"], seen["search_epochs"], seen["density"]) == ("diff", 2, 0.02)
+    assert main(["demo", "--method", "diff_pruning", "--search-epochs", "2", "--density", "0.02"]) == 0
+    assert (seen["method"], seen["options"]) == ("diff_pruning", {"search_epochs": 2, "density": 0.02})
 
 
 def test_demo_needs_no_arguments_and_rejects_unknown_ones(capsys):
     from fastpeft.cli import parse_args
     args = parse_args(["demo"])
-    assert (args.epochs, args.r, args.seed, args.device) == (2, 8, 0, "cpu")
+    assert (args.epochs, args.options, args.seed, args.device) == (2, {"r": 8}, 0, "cpu")
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--bogus"])
     assert exit_info.value.code == 2

@@ -11,9 +11,11 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from fastpeft.model import (AdapterConfig, DiffPruningConfig, LoraConfig, inject, l0_penalty, load_adapter, merge,
-                            merge_and_unload, project_to_density, save_adapter, trainable_parameters, unmerge)
-from fastpeft.model.diff_inject import REGISTRY, diff_names, kept_count, search_layers, sparse_layers
+from fastpeft import (DiffPruningConfig, LoraConfig, adapter_config, adapter_names, inject, l0_penalty,
+                      load_adapter, merge, merge_and_unload, project_to_density, save_adapter, trainable_parameters,
+                      unmerge)
+from fastpeft.methods.diff_pruning.layers import search_layers, sparse_layers
+from fastpeft.methods.diff_pruning.search import kept_count
 from fastpeft.modules.diff_search import DiffSearchLinear
 from fastpeft.modules.sparse_delta import SparseDeltaLinear
 from tests.model_cases import assert_unchanged, gpt2_batch, hidden, minilm, minilm_batch, snapshot, tiny_gpt2
@@ -101,7 +103,7 @@ def test_inject_on_gpt2_structured_with_modules_to_save():
     assert torch.equal(outputs(model), reference)
     assert trainable(model) == {f"{p}.{n}" for p in ATTN for n in ("diff", "gate.log_alpha", "group_gate.log_alpha")} \
         | {"ln_f.modules_to_save.default.weight", "ln_f.modules_to_save.default.bias"}
-    assert diff_names(model) == ["default"]
+    assert adapter_names(model) == ["default"]
 
 
 @pytest.mark.parametrize("structured", [False, True])
@@ -170,7 +172,7 @@ def test_per_weight_projection_keeps_exactly_k_largest_gated_entries():
         assert k.min() >= d.max()
     assert trainable(model) == {f"{p}.values" for p, _ in sparse_layers(model)} | \
         {"ln_f.modules_to_save.default.weight", "ln_f.modules_to_save.default.bias"}
-    assert getattr(model, REGISTRY)["default"].density == 0.03
+    assert adapter_config(model, "default").density == 0.03
 
 
 def test_global_projection_ranks_all_targets_together():
@@ -190,7 +192,7 @@ def test_global_projection_ranks_all_targets_together():
 def test_projection_arguments_override_the_config_and_are_recorded():
     model = searched(DiffPruningConfig(target_modules=["c_attn"], density=0.5))
     project_to_density(model, density=0.01, scope="global")
-    config = getattr(model, REGISTRY)["default"]
+    config = adapter_config(model, "default")
     assert (config.density, config.scope) == (0.01, "global")
     assert sum(layer.nnz for _, layer in sparse_layers(model)) == round(0.01 * 2 * 64 * 192)
 
@@ -252,7 +254,7 @@ def test_merge_unmerge_and_merge_and_unload():
     assert all(type(model.get_submodule(p)) is Conv1D for p in ATTN) and type(model.ln_f) is nn.LayerNorm
     for path in ATTN:
         torch.testing.assert_close(model.get_submodule(path).weight, w0[path] + deltas[path], rtol=0, atol=0)
-    assert not hasattr(model, REGISTRY) and not diff_names(model)
+    assert not adapter_names(model)
     torch.testing.assert_close(outputs(model), trained)
 
 
@@ -324,50 +326,43 @@ def test_steps_after_the_last_forward_reach_state_dict_and_merge_and_unload(fuse
 def test_search_stage_cannot_merge_or_save_and_save_needs_the_adapter_name(tmp_path):
     model = searched(DiffPruningConfig(target_modules=["c_attn"]))
     before = snapshot(model)
-    for fn in (merge, unmerge, merge_and_unload):
+    for fn in (merge, merge_and_unload):
         with pytest.raises(ValueError, match=r"still searching .*project_to_density\(model\) first"):
             fn(model)
+    with pytest.raises(ValueError, match=r"no layer of the model is merged"):
+        unmerge(model)
     with pytest.raises(ValueError, match=r"still searching .*call project_to_density\(model\) first"):
         save_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
     assert_unchanged(model, before)
     project_to_density(model)
-    with pytest.raises(ValueError, match=r"unknown adapter_name 'other': the model's diff pruning adapters are "
-                                         r"\['default'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter_name 'other': it has \['default'\]"):
         save_adapter(model, tmp_path / "adapter", adapter_name="other")
 
 
 # --- methods do not mix, bad input --------------------------------------------------------------------------------
-def test_methods_do_not_mix(tmp_path):
+def test_other_methods_share_the_model_only_on_other_modules(tmp_path):
     model = projected(DiffPruningConfig(target_modules=["c_attn"]))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="holds diff pruning adapter 'default'; LoRA adapters go into a model"):
-        inject(model, LoraConfig(target_modules=["c_proj"]))
-    with pytest.raises(ValueError, match="holds diff pruning adapter 'default'; bottleneck adapters go into"):
-        inject(model, AdapterConfig(bottleneck=8))
+    with pytest.raises(ValueError, match="LoRA adapter 'lora' would adapt 'h.0.attn.c_attn', where diff pruning "
+                                         "adapter 'default' sits"):
+        inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name="lora")
     with pytest.raises(ValueError, match="already has diff pruning adapter 'default'; a model holds one"):
         inject(model, DiffPruningConfig(target_modules=["c_proj"]), adapter_name="other")
     lora = inject(tiny_gpt2(), LoraConfig(target_modules=["c_attn"]))
     save_adapter(lora, tmp_path / "lora")
-    with pytest.raises(ValueError, match="holds diff pruning adapter 'default'; LoRA adapters"):
-        load_adapter(model, tmp_path / "lora")
+    with pytest.raises(ValueError, match="LoRA adapter 'lora' would adapt 'h.0.attn.c_attn'"):
+        load_adapter(model, tmp_path / "lora", adapter_name="lora")
     with pytest.raises(ValueError, match="project_to_density: the model's mask is already fixed"):
         project_to_density(model)
     with pytest.raises(ValueError, match="no search layers left"):
         l0_penalty(model)
     assert_unchanged(model, before)
     save_adapter(model, tmp_path / "diff")
-    with pytest.raises(ValueError, match="already holds fastpeft LoRA adapters; a diff pruning adapter"):
-        inject(lora, DiffPruningConfig(target_modules=["c_proj"]))
-    with pytest.raises(ValueError, match="already holds fastpeft LoRA adapters"):
-        load_adapter(lora, tmp_path / "diff")
-    bottleneck = inject(minilm(), AdapterConfig(bottleneck=8))
-    with pytest.raises(ValueError, match="holds bottleneck adapter 'default'; a diff pruning adapter goes into"):
-        inject(bottleneck, DiffPruningConfig(target_modules=["query"]))
-    save_adapter(bottleneck, tmp_path / "bottleneck")
-    diff_bert = inject(minilm(), DiffPruningConfig(target_modules=["query"]))
-    with pytest.raises(ValueError, match="holds diff pruning adapter 'default'; bottleneck adapters go into"):
-        load_adapter(diff_bert, tmp_path / "bottleneck")
+    with pytest.raises(ValueError, match="diff pruning adapter 'diff' would adapt 'h.0.attn.c_attn', where LoRA"):
+        load_adapter(lora, tmp_path / "diff", adapter_name="diff")
+    inject(model, LoraConfig(target_modules=["c_fc"]), adapter_name="lora")  # other modules: both run
+    assert adapter_names(model) == ["default", "lora"]
 
 
 def test_bad_inputs_are_named_and_leave_the_model_unchanged():
@@ -515,7 +510,7 @@ def test_bad_files_are_named_and_leave_the_model_unchanged(tmp_path, damage, mes
         f"{directory / 'adapter_model.safetensors'} does not fit a diff pruning adapter of GPT2Model" in \
         str(error.value) or "not a readable safetensors file" in message or "holds non-finite values" in message
     assert_unchanged(model, before)
-    assert not diff_names(model)
+    assert not adapter_names(model)
 
 
 def test_a_layer_of_the_same_size_but_another_shape_is_refused(tmp_path):

@@ -6,7 +6,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from fastpeft import LoraLinear
-from fastpeft.model import AdapterConfig, DiffPruningConfig, inject, project_to_density
+from fastpeft import BottleneckConfig, DiffPruningConfig, inject, project_to_density
 from fastpeft.ops.adapter import bottleneck_adapter
 from fastpeft.ops.lora import lora_linear
 from fastpeft.ops.sparse_delta import sddmm
@@ -54,7 +54,7 @@ def test_lora_layer_after_double_matches_the_float64_math():
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("config", [AdapterConfig(placement="houlsby", bottleneck=8, init="zero-up"),
+@pytest.mark.parametrize("config", [BottleneckConfig(placement="houlsby", bottleneck=8, init="zero-up"),
                                     DiffPruningConfig(target_modules=["query"])], ids=["adapter", "diff"])
 def test_injected_double_model_reproduces_the_base(config):
     base = minilm().double()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastpeft import LoraLinear
-from fastpeft.model import LoraConfig
+from fastpeft import LoraConfig
 
 RANK = "r (a LoRA rank) must be an int >= 1, got "
 ALPHA = "lora_alpha must be a finite non-zero number, got "

@@ -8,10 +8,10 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from fastpeft.model import (AdapterConfig, DiffPruningConfig, LoraConfig, ModulesToSave, active_adapter,
+from fastpeft import (BottleneckConfig, DiffPruningConfig, LoraConfig, ModulesToSave, active_adapter,
                             adapter_names, delete_adapter, disable_adapters, inject, merge, merge_and_unload,
                             print_trainable_parameters, set_adapter, trainable_parameters, unmerge)
-from fastpeft.model.inject import lora_layers
+from fastpeft.methods.lora.targets import lora_layers
 from fastpeft.modules.lora import LoraLinear
 from tests.model_cases import (assert_unchanged, gpt2_batch, hidden, minilm, minilm_batch, randomize_adapter,
                                snapshot, tiny_gpt2)
@@ -92,7 +92,8 @@ def test_unmatched_targets_list_module_names_and_change_nothing():
 
 def test_bad_arguments():
     model = tiny_gpt2()
-    with pytest.raises(TypeError, match="config must be a fastpeft LoraConfig"):
+    with pytest.raises(TypeError, match=r"config must be a fastpeft method config \(LoraConfig, "
+                                        r"BottleneckConfig, DiffPruningConfig\), got dict"):
         inject(model, {"target_modules": ["c_attn"]})
     with pytest.raises(ValueError, match="adapter_name"):
         inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name="a.b")
@@ -146,7 +147,7 @@ def test_fresh_adapter_is_the_identity_until_trained():
 
 @pytest.mark.parametrize("config", [
     LoraConfig(r=4, lora_dropout=0.5, target_modules=["query"], modules_to_save=["pooler.dense"]),
-    AdapterConfig(placement="houlsby", bottleneck=8, dropout=0.5),
+    BottleneckConfig(placement="houlsby", bottleneck=8, dropout=0.5),
     DiffPruningConfig(target_modules=["query"]),
 ], ids=["lora", "adapter", "diff"])
 @pytest.mark.parametrize("training", [False, True])

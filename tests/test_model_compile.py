@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from fastpeft.model import AdapterConfig, DiffPruningConfig, LoraConfig, inject
+from fastpeft import BottleneckConfig, DiffPruningConfig, LoraConfig, inject
 from tests.model_cases import hidden, minilm, minilm_batch
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = {
     "lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"]),
-    "houlsby": AdapterConfig(placement="houlsby", bottleneck=8, dropout=0.1),
-    "parallel": AdapterConfig(placement="parallel", bottleneck=8, dropout=0.1, init="near-identity"),
+    "houlsby": BottleneckConfig(placement="houlsby", bottleneck=8, dropout=0.1),
+    "parallel": BottleneckConfig(placement="parallel", bottleneck=8, dropout=0.1, init="near-identity"),
     "diff": DiffPruningConfig(target_modules=["query", "value"], density=0.01),
 }
 

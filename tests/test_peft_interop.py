@@ -6,8 +6,8 @@ import peft
 import pytest
 import torch
 
-from fastpeft.model import LoraConfig, inject, load_adapter, save_adapter
-from fastpeft.model.inject import lora_layers
+from fastpeft import LoraConfig, inject, load_adapter, save_adapter
+from fastpeft.methods.lora.targets import lora_layers
 from tests.model_cases import gpt2_batch, hidden, minilm, minilm_batch, randomize_adapter, tiny_gpt2
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 

@@ -9,7 +9,7 @@ from torch import nn
 from fastpeft import training
 from fastpeft.datasets import LabelledText, demo_dataset
 from fastpeft.demo import packaged_model_dir
-from fastpeft.model import LoraConfig, inject
+from fastpeft import LoraConfig, inject
 
 
 @pytest.fixture(scope="module")

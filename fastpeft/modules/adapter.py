@@ -87,9 +87,11 @@ class SerialAdapter(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
+        self.disabled = False  # True: the base layer alone runs (disable_adapters)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.adapter(self.base_layer(*args, **kwargs))
+        y = self.base_layer(*args, **kwargs)
+        return y if self.disabled else self.adapter(y)
 
 
 class ParallelAdapter(nn.Module):
@@ -99,6 +101,8 @@ class ParallelAdapter(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
+        self.disabled = False  # True: the base layer alone runs (disable_adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x, residual=self.base_layer(x))
+        y = self.base_layer(x)
+        return y if self.disabled else self.adapter(x, residual=y)

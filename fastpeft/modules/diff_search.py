@@ -36,6 +36,7 @@ class DiffSearchLinear(nn.Module):
         check_gate_options(temperature, stretch, log_alpha_init)  # before anything is changed
         self.in_features, self.out_features = linear_features(base_layer)
         self.base_layer = base_layer
+        self.disabled = False  # True: the base layer alone runs (disable_adapters)
         self.fan_in_fan_out = is_conv1d(base_layer)
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -68,6 +69,8 @@ class DiffSearchLinear(nn.Module):
         return z * self.diff.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         w0 = self.base_layer.weight
         checks.check_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:

@@ -80,6 +80,7 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("base_values", weight.detach().view(-1)[self.indices.long()])  # a gather: a copy
         self.values = nn.Parameter(values.detach().to(torch.float32, copy=True))
         self.merged = False
+        self.disabled = False  # True (only while unmerged): the base layer alone runs (disable_adapters)
         self._scattered = None  # the key of the values last scattered (see the comment at _steps)
         self.merge()
         self.register_state_dict_pre_hook(_sync_before_state_dict)
@@ -144,6 +145,8 @@ class SparseDeltaLinear(nn.Module):
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self.disabled:  # disable_adapters unmerged the layer first: the weight is W0
+            return self.base_layer(x)
         if not self.merged:  # the weight is W0: the reference path adds the delta (correct, slower)
             return sparse_delta_linear_ref(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
         self.sync()

@@ -52,6 +52,32 @@ class SavedAdapter:
         return os.path.join(self.directory, WEIGHTS_NAME)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """Where one file tensor lives in the model (its state-dict key once the adapter is in), and its shape/dtype."""
+
+    model_key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def check_tensors(entries: dict[str, Entry], tensors: dict[str, torch.Tensor], what: str) -> None:
+    missing = sorted(set(entries) - set(tensors))
+    unexpected = sorted(set(tensors) - set(entries))
+    shapes, dtypes = [], []
+    for key in sorted(set(entries) & set(tensors)):
+        e, t = entries[key], tensors[key]
+        if tuple(t.shape) != e.shape:
+            shapes.append(f"{key}: file {tuple(t.shape)}, model {e.shape}")
+        if t.dtype != e.dtype and not (t.dtype.is_floating_point and e.dtype.is_floating_point):
+            dtypes.append(f"{key}: file {t.dtype}, model {e.dtype}")
+    problems = [f"{label} ({len(items)}): {listed(items)}" for label, items in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes),
+                 ("dtype mismatches", dtypes)) if items]
+    if problems:
+        raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
+
+
 def listed(items: list[str]) -> str:
     more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
     return "; ".join(items[:SHOW]) + more

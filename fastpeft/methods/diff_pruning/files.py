@@ -1,78 +1,52 @@
-"""Save and load diff pruning adapters (the fixed-mask stage) in the project's file pattern: `adapter_config.json`
-holding {"method": "diff_pruning", <DiffPruningConfig fields>} and `adapter_model.safetensors` with, per layer,
-`base_model.model.<layer path>.indices` (int32 / int64 flat positions in the stored weight, strictly increasing)
-and `.values` (fp32, the delta there), and `base_model.model.<module path>.<param>` for modules_to_save; its
-metadata's "weight_shapes" (JSON: layer path -> stored weight shape) lets a load refuse a layer of the same size but
-another shape, where the flat positions would mean other entries.
-
-`save_adapter` / `load_adapter` of fastpeft.model.io hand diff pruning adapters to these functions. Writes are
-atomic; a load checks every key, dtype, length and index against the model before it changes anything."""
+"""Diff pruning's file (the fixed-mask stage): `adapter_config.json` holding {"method": "diff_pruning",
+<DiffPruningConfig fields>} and `adapter_model.safetensors` with, per layer, `base_model.model.<layer path>.indices`
+(int32 / int64 flat positions in the stored weight, strictly increasing) and `.values` (fp32, the delta there), and
+`base_model.model.<module path>.<param>` for modules_to_save; its metadata's "weight_shapes" (JSON: layer path ->
+stored weight shape) lets a load refuse a layer of the same size but another shape, where the flat positions would
+mean other entries. A load checks every key, dtype, length and index against the model before it changes anything."""
 import json
 
 import torch
 from torch import nn
 
-from fastpeft.model.config import ALL_LINEAR
-from fastpeft.model.diff_config import DiffPruningConfig
-from fastpeft.model.diff_inject import apply, build_layers, check_new, diff_config, find_sites, kept_count, \
-    search_layers, sparse_layers
-from fastpeft.model.files import PREFIX, listed, read_adapter, write_adapter
-from fastpeft.model.saved_module import ModulesToSave
-from fastpeft.model.targets import is_linear
-from fastpeft.modules.sparse_delta import SparseDeltaLinear
+from fastpeft.methods import saved_modules
+from fastpeft.methods.config import ALL_LINEAR
+from fastpeft.methods.diff_pruning.config import DiffPruningConfig
+from fastpeft.methods.diff_pruning.layers import search_layers, sparse_layers
+from fastpeft.methods.diff_pruning.search import kept_count
+from fastpeft.methods.files import PREFIX, SavedAdapter, listed
+from fastpeft.methods.targets import is_linear
 from fastpeft.ops.sparse_delta import INDEX_DTYPES, check_indices
 
 LAYER_TENSORS = ("indices", "values")
 SHAPES_KEY = "weight_shapes"  # in the safetensors metadata
 
 
-def save_diff(model: nn.Module, directory, adapter_name: str = "default") -> None:
-    config = diff_config(model, adapter_name)
+def state(model: nn.Module, name: str, config: DiffPruningConfig) -> tuple[dict, dict, dict]:
     if search_layers(model):
         raise ValueError("the diff pruning adapter is still searching (stage 1: dense diffs and gates); call "
                          "project_to_density(model) first: what is saved is the fixed sparse mask and its values")
     layers = dict(sparse_layers(model))
     tensors = {f"{PREFIX}{path}.{key}": getattr(layer, key) for path, layer in layers.items() for key in LAYER_TENSORS}
-    for path, wrapper in _saved_wrappers(model, adapter_name).items():
-        for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
-            tensors[f"{PREFIX}{path}.{key}"] = value
+    tensors.update({PREFIX + key: value for key, value in saved_modules.state(model, name).items()})
     settings = config.to_dict()
     if config.target_modules == ALL_LINEAR:  # the layers it resolved to here, so a load finds exactly them
         settings["target_modules"] = sorted(layers)
     settings["base_model_name_or_path"] = config.base_model_name_or_path or getattr(model, "name_or_path", None) \
         or None
     shapes = json.dumps({path: list(layer.base_layer.weight.shape) for path, layer in layers.items()})
-    write_adapter(directory, settings, tensors, metadata={SHAPES_KEY: shapes})
+    return settings, tensors, {SHAPES_KEY: shapes}
 
 
-def load_diff(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
-    """Put the saved fixed-mask adapter into `model` (which must hold no adapter yet): its targets become merged
-    SparseDeltaLinear layers, trainable as after `project_to_density`."""
-    files = read_adapter(directory)
-    config_path, weights_path, tensors = files.config_path, files.weights_path, files.tensors
-    config = DiffPruningConfig.from_dict(files.config, source=config_path)
-    check_new(model, config, adapter_name)
-    try:
-        targets, saved = find_sites(model, config)
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from e
-    problems = (_problems(model, dict(targets), dict(saved), tensors) or _shape_problems(files.metadata, dict(targets))
-                or _density_problems(config, dict(targets), tensors))
+def check(model: nn.Module, saved: SavedAdapter, config: DiffPruningConfig, targets: dict[str, nn.Module],
+          saved_found: dict[str, nn.Module]) -> None:
+    """Everything wrong with the file for these targets and modules_to_save, named; nothing when it fits."""
+    tensors = saved.tensors
+    problems = (_problems(model, targets, saved_found, tensors) or _shape_problems(saved.metadata, targets)
+                or _density_problems(config, targets, tensors))
     if problems:
-        raise ValueError(f"{weights_path} does not fit a diff pruning adapter of {type(model).__name__} "
+        raise ValueError(f"{saved.weights_path} does not fit a diff pruning adapter of {type(model).__name__} "
                          f"(target_modules={config.target_modules!r}):\n  " + "\n  ".join(problems))
-
-    def layer(path: str, module: nn.Module) -> SparseDeltaLinear:
-        device = module.weight.device
-        return SparseDeltaLinear(module, tensors[f"{PREFIX}{path}.indices"].to(device),
-                                 tensors[f"{PREFIX}{path}.values"].to(device))
-
-    apply(model, config, adapter_name, build_layers(targets, layer), saved)
-    with torch.no_grad():
-        for path, wrapper in _saved_wrappers(model, adapter_name).items():
-            for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
-                value.copy_(tensors[f"{PREFIX}{path}.{key}"])
-    return model
 
 
 def _problems(model: nn.Module, targets: dict[str, nn.Module], saved: dict[str, nn.Module],
@@ -153,7 +127,3 @@ def _saved_problem(file: torch.Tensor, model: torch.Tensor) -> str | None:
     if file.dtype != model.dtype and not (file.dtype.is_floating_point and model.dtype.is_floating_point):
         return f"file dtype {file.dtype}, model {model.dtype}"
     return None
-
-
-def _saved_wrappers(model: nn.Module, name: str) -> dict[str, ModulesToSave]:
-    return {path: m for path, m in model.named_modules() if isinstance(m, ModulesToSave) and name in m.modules_to_save}

@@ -3,13 +3,11 @@ creation, and its conversion to and from the dict that peft 0.21 writes."""
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from fastpeft.model.method_config import refuse_nulls
+from fastpeft.methods.config import (SEQ_CLS_HEADS, TASK_TYPES, check_pattern, names, normalise_targets,
+                                     refuse_nulls)
 from fastpeft.modules import lora_args
 
-ALL_LINEAR = "all-linear"
 BIASES = ("none", "all", "lora_only")
-TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-SEQ_CLS_HEADS = ("classifier", "score")  # the head of transformers' *ForSequenceClassification models
 # PEFT's init_lora_weights values; fastpeft can initialise the first three itself, the others only load trained weights.
 INITS_SUPPORTED = (True, False, "gaussian")
 INITS_PEFT = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
@@ -55,21 +53,21 @@ class LoraConfig:
         lora_args.check_rank("r", self.r)
         lora_args.check_alpha("lora_alpha", self.lora_alpha)
         lora_args.check_dropout("lora_dropout", self.lora_dropout)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        object.__setattr__(self, "target_modules", normalise_targets(self.target_modules))
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if self.bias not in BIASES:
             raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
         if self.modules_to_save is not None:
-            object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
+            object.__setattr__(self, "modules_to_save", names("modules_to_save", self.modules_to_save))
         if not _known_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be True, False, 'gaussian' or one of PEFT's {INITS_PEFT}, "
                              f"got {self.init_lora_weights!r}")
         for key, value in self.rank_pattern.items():
-            _check_pattern("rank_pattern", key)
+            check_pattern("rank_pattern", key)
             lora_args.check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
-            _check_pattern("alpha_pattern", key)
+            check_pattern("alpha_pattern", key)
             lora_args.check_alpha(f"alpha_pattern[{key!r}]", value)
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
@@ -123,35 +121,6 @@ class LoraConfig:
     def replace(self, **changes) -> "LoraConfig":
         """A copy with `changes`, validated again."""
         return replace(self, **changes)
-
-
-def _check_pattern(name: str, key) -> None:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"{name} keys must be non-empty strings, got {key!r}")
-    try:
-        re.compile(key)
-    except re.error as e:
-        raise ValueError(f"{name} key {key!r} is not a valid regex: {e}") from e
-
-
-def _names(name: str, value) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
-        raise TypeError(f"{name} must be a list of module names, got {value!r}")
-    if not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {value!r}")
-    return tuple(sorted(set(value)))
-
-
-def _normalise_targets(targets) -> tuple[str, ...] | str:
-    if targets is None:
-        raise ValueError("target_modules is required: module-name suffixes (e.g. ['query', 'value']), "
-                         "a regex matched against full module paths, or 'all-linear'")
-    if isinstance(targets, str):
-        if targets.lower() == ALL_LINEAR:
-            return ALL_LINEAR
-        _check_pattern("target_modules", targets)
-        return targets
-    return _names("target_modules", targets)
 
 
 def _known_init(init) -> bool:

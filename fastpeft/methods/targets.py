@@ -1,33 +1,26 @@
-"""Which modules a `LoraConfig` (or a diff pruning config) targets, by PEFT's rules: module-name suffixes, a regex
-fully matching the module path, or "all-linear" (every nn.Linear / Conv1D but the output head); plus which modules
-`modules_to_save` names. Nothing here changes the model."""
+"""Which modules a config targets, by PEFT's rules: module-name suffixes, a regex fully matching the module path, or
+"all-linear" (every nn.Linear / Conv1D but the output head); plus which modules `modules_to_save` names. Nothing here
+changes the model."""
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
-from fastpeft.model.config import ALL_LINEAR, SEQ_CLS_HEADS, LoraConfig
-from fastpeft.model.saved_module import ModulesToSave
+from fastpeft.methods.config import ALL_LINEAR, SEQ_CLS_HEADS
 from fastpeft.modules.linear import is_conv1d
 from fastpeft.modules.lora import LoraLinear
-
-
-@dataclass(frozen=True)
-class Target:
-    """A layer to get the adapter: an nn.Linear / Conv1D, or a LoraLinear that gets one more adapter."""
-
-    path: str
-    module: nn.Module
-    r: int
-    lora_alpha: float
-
-    @property
-    def base_layer(self) -> nn.Module:
-        return self.module.base_layer if isinstance(self.module, LoraLinear) else self.module
+from fastpeft.modules.modules_to_save import ModulesToSave
 
 
 def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear or Conv1D, or a LoRA layer (which takes more adapters)."""
     return isinstance(module, (nn.Linear, LoraLinear)) or is_conv1d(module)
+
+
+def is_wrapper(module: nn.Module) -> bool:
+    """A fastpeft module standing in for one of the model's own: a method's layer around its `base_layer`, or a
+    modules_to_save wrapper."""
+    return isinstance(module, ModulesToSave) or (type(module).__module__.startswith("fastpeft.")
+                                                 and isinstance(getattr(module, "base_layer", None), nn.Module))
 
 
 def visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -37,21 +30,15 @@ def visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not path or path.startswith(wrappers):
             continue
         found.append((path, module))
-        if isinstance(module, (LoraLinear, ModulesToSave)):
+        if is_wrapper(module):
             wrappers += (path + ".",)
     return found
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
-    """The layers `config.target_modules` selects, with their r and lora_alpha (after rank/alpha_pattern)."""
-    matched = match_linear(model, config.target_modules, config.modules_to_save, config.task_type)
-    return [Target(path, module, *config.rank_and_alpha(path)) for path, module in matched]
-
-
-def match_linear(model: nn.Module, target_modules, modules_to_save=None, task_type=None,
-                 method: str = "LoRA") -> list[tuple[str, nn.Module]]:
-    """(path, module) of the linear layers `target_modules` selects (PEFT's rules), leaving out `modules_to_save`;
-    an error naming `method` when they match nothing or something that is not linear."""
+def match_names(model: nn.Module, target_modules, modules_to_save=None,
+                task_type=None) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the modules `target_modules` selects (PEFT's rules), leaving out `modules_to_save`; an error
+    when they match nothing. Their types are not checked (see match_linear)."""
     modules = visible_modules(model)
     saved = modules_to_save or ()
     all_linear = _all_linear(modules, model, task_type) if target_modules == ALL_LINEAR else set()
@@ -66,6 +53,13 @@ def match_linear(model: nn.Module, target_modules, modules_to_save=None, task_ty
         if unknown:
             raise ValueError(f"target_modules entries {unknown} match no module of {type(model).__name__}; its "
                              f"linear layers are named e.g. {_linear_names(modules)}")
+    return matched
+
+
+def match_linear(model: nn.Module, target_modules, modules_to_save=None, task_type=None,
+                 method: str = "LoRA") -> list[tuple[str, nn.Module]]:
+    """match_names, and an error naming `method` when a matched module is not linear."""
+    matched = match_names(model, target_modules, modules_to_save, task_type)
     unsupported = [f"{path} ({type(module).__name__})" for path, module in matched if not is_linear(module)]
     if unsupported:
         raise ValueError(f"target_modules={_show(target_modules)} selects modules {method} cannot wrap (it wraps "
@@ -73,7 +67,7 @@ def match_linear(model: nn.Module, target_modules, modules_to_save=None, task_ty
     return matched
 
 
-def find_saved_modules(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def find_saved_modules(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     """Modules `config.modules_to_save` names (PEFT's rule: the path ends with the name); outermost match only."""
     if not config.modules_to_save:
         return []
@@ -81,8 +75,9 @@ def find_saved_modules(model: nn.Module, config: LoraConfig) -> list[tuple[str, 
     for path, module in visible_modules(model):
         if path.startswith(taken) or not any(path.endswith(m) for m in config.modules_to_save):
             continue
-        if isinstance(module, LoraLinear):
-            raise ValueError(f"modules_to_save names {path!r}, which already holds LoRA adapters")
+        if is_wrapper(module) and not isinstance(module, ModulesToSave):
+            raise ValueError(f"modules_to_save names {path!r}, which is already an adapter layer "
+                             f"({type(module).__name__})")
         found.append((path, module))
         taken += (path + ".",)
     if not found:

@@ -3,8 +3,7 @@ the dict saved as `adapter_config.json`."""
 import math
 from dataclasses import dataclass
 
-from fastpeft.model.config import _names, _normalise_targets
-from fastpeft.model.method_config import MethodConfig
+from fastpeft.methods.config import MethodConfig, names, normalise_targets
 from fastpeft.modules.hard_concrete import check_gate_options
 
 METHOD = "diff_pruning"  # the "method" key of adapter_config.json
@@ -35,7 +34,7 @@ class DiffPruningConfig(MethodConfig):
     base_model_name_or_path: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        object.__setattr__(self, "target_modules", normalise_targets(self.target_modules))
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or \
                 not 0 < self.density <= 1:
             raise ValueError(f"density (the fraction of diff entries kept) must be a number in (0, 1], "
@@ -50,6 +49,6 @@ class DiffPruningConfig(MethodConfig):
                 not math.isfinite(self.l0_weight) or self.l0_weight < 0:
             raise ValueError(f"l0_weight must be a finite number >= 0, got {self.l0_weight!r}")
         if self.modules_to_save is not None:
-            object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
+            object.__setattr__(self, "modules_to_save", names("modules_to_save", self.modules_to_save))
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise TypeError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")

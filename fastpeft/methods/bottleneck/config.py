@@ -1,13 +1,13 @@
-"""`AdapterConfig`: bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022's parallel
+"""`BottleneckConfig`: bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022's parallel
 adapter), validated on creation, and its conversion to and from the dict saved as `adapter_config.json`."""
+import warnings
 from dataclasses import dataclass
 
-from fastpeft.model.config import _names
-from fastpeft.model.method_config import MethodConfig
+from fastpeft.methods.config import MethodConfig, names
 from fastpeft.modules.adapter import ACTIVATIONS, INITS, check_size_options
 from fastpeft.ops import checks
 
-METHOD = "bottleneck_adapter"  # the "method" key of adapter_config.json
+METHOD = "bottleneck"  # the "method" key of adapter_config.json
 # Where the adapters go in each transformer layer:
 #   houlsby:  on the attention output projection and on the FFN output projection (serial, before residual + norm)
 #   pfeiffer: on the FFN output projection only (serial)
@@ -16,7 +16,7 @@ PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 
 
 @dataclass(frozen=True)
-class AdapterConfig(MethodConfig):
+class BottleneckConfig(MethodConfig):
     """Bottleneck size by `bottleneck` (m) or `reduction_factor` (m = hidden // reduction_factor), exactly one.
     `init`: "near-identity" (small Gaussian weights) or "zero-up" (the up projection zero: exactly the identity);
     by default zero-up for the parallel placement, whose adapter reads the FFN's (normalised) input and adds to its
@@ -25,6 +25,7 @@ class AdapterConfig(MethodConfig):
     `layer_norm` puts a LayerNorm on the adapter's input. `modules_to_save` are trained in full (e.g. a head)."""
 
     METHOD = METHOD
+    OLD_METHODS = ("bottleneck_adapter",)  # what files saved before the rename name the method
     LABEL = "bottleneck adapter"
 
     placement: str = "houlsby"
@@ -56,6 +57,15 @@ class AdapterConfig(MethodConfig):
         if not isinstance(self.layer_norm, bool):
             raise TypeError(f"layer_norm must be a bool, got {self.layer_norm!r}")
         if self.modules_to_save is not None:
-            object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
+            object.__setattr__(self, "modules_to_save", names("modules_to_save", self.modules_to_save))
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise TypeError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
+
+
+class AdapterConfig(BottleneckConfig):
+    """The earlier name of BottleneckConfig, kept for one release: it warns, and is a BottleneckConfig otherwise."""
+
+    def __post_init__(self):
+        warnings.warn("fastpeft.AdapterConfig is now fastpeft.BottleneckConfig ('adapter' means any method's trained "
+                      "state, as in PEFT); the old name goes in the next release", FutureWarning, stacklevel=3)
+        super().__post_init__()

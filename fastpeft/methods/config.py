@@ -1,6 +1,41 @@
-"""What the configs of the non-LoRA methods share: they are saved as adapter_config.json holding
-{"method": <the method's name>, <the dataclass's fields>} and read back with every value validated again."""
+"""What every method's config shares: field checks (target_modules, modules_to_save), and for the methods with a file
+format of their own (not PEFT's), `MethodConfig`: saved as adapter_config.json holding {"method": <the method's name>,
+<the dataclass's fields>} and read back with every value validated again."""
+import re
 from dataclasses import MISSING, asdict, fields, replace
+
+ALL_LINEAR = "all-linear"
+TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+SEQ_CLS_HEADS = ("classifier", "score")  # the head of transformers' *ForSequenceClassification models
+
+
+def check_pattern(name: str, key) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{name} keys must be non-empty strings, got {key!r}")
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise ValueError(f"{name} key {key!r} is not a valid regex: {e}") from e
+
+
+def names(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{name} must be a list of module names, got {value!r}")
+    if not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {value!r}")
+    return tuple(sorted(set(value)))
+
+
+def normalise_targets(targets) -> tuple[str, ...] | str:
+    if targets is None:
+        raise ValueError("target_modules is required: module-name suffixes (e.g. ['query', 'value']), "
+                         "a regex matched against full module paths, or 'all-linear'")
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        check_pattern("target_modules", targets)
+        return targets
+    return names("target_modules", targets)
 
 
 def refuse_nulls(cls, config: dict, source: str, allowed: tuple[str, ...] = ()) -> None:
@@ -19,6 +54,7 @@ class MethodConfig:
     errors)."""
 
     METHOD = ""
+    OLD_METHODS: tuple[str, ...] = ()  # earlier names of the method that its files may carry
     LABEL = ""
 
     def to_dict(self) -> dict:
@@ -31,7 +67,7 @@ class MethodConfig:
         """Read what `to_dict` wrote; an unknown key or a bad value is an error naming `source`."""
         if not isinstance(config, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
-        if config.get("method") != cls.METHOD:
+        if config.get("method") not in (cls.METHOD, *cls.OLD_METHODS):
             raise ValueError(f"{source}: method is {config.get('method')!r}, expected {cls.METHOD!r}")
         refuse_nulls(cls, config, source)
         kwargs = {k: v for k, v in config.items() if k != "method"}
