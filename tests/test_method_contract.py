@@ -12,6 +12,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import fastpeft
 from fastpeft import methods
+from fastpeft.methods import saved_modules
 from fastpeft.methods.record import record
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 
@@ -78,12 +79,14 @@ def trained(name: str, kind: str, seed: int = 1):
 @pytest.mark.parametrize("name, kind", PARAMS)
 def test_inject_keeps_the_output_and_trains_only_the_method(name, kind):
     model = MODELS[kind]()
-    before, originals = output(model), {id(p) for p in model.parameters()}
+    before = output(model)
     fastpeft.inject(model, CASES[name].config(kind))
     assert torch.equal(output(model), before)
+    method, config = methods.named(name), fastpeft.adapter_config(model, "default")
     trainable = [(key, p) for key, p in model.named_parameters() if p.requires_grad]
-    assert trainable and not any(id(p) in originals for _, p in trainable)
-    wrapped = methods.named(name).wrapped_paths(model, "default")
+    claimed = method.trainable(model, "default", config) + saved_modules.parameters(model, "default")
+    assert trainable and {id(p) for _, p in trainable} == {id(p) for p in claimed}
+    wrapped = method.wrapped_paths(model, "default")
     assert all(any(key.startswith(path + ".") for path in wrapped) for key, _ in trainable)
 
 
