@@ -61,8 +61,8 @@ def demo_config(epochs: int = 2, output_dir="fastpeft-demo", seed: int = 0, devi
     chosen = methods.named(method)
     options = {**{flag[2:].replace("-", "_"): value for flag, value in chosen.demo_options.items()}, **(options or {})}
     config = chosen.cli_config(options, ["classifier"], demo=True)
-    return RunConfig(packaged_model_dir(), Path(output_dir), config, epochs=epochs, lr=3e-3, max_length=64, seed=seed,
-                     device=device, options=options)
+    return RunConfig(packaged_model_dir(), Path(output_dir), config, epochs=epochs, lr=chosen.demo_lr, max_length=64,
+                     seed=seed, device=device, options=options)
 
 
 def run_demo(**kwargs) -> list[str]:
@@ -166,7 +166,7 @@ def compare_with_peft(base, config, batches: list, device="cpu") -> str:
     except ImportError:
         return "HF PEFT comparison skipped: peft is not installed"
     if peft_config is None:
-        return f"HF PEFT comparison skipped: PEFT has no {method.label} adapters"
+        return f"HF PEFT comparison skipped: no HF PEFT run of {method.label} on this model"
     import peft
     with warnings.catch_warnings():  # peft calls transformers APIs that warn they are deprecated
         warnings.simplefilter("ignore", FutureWarning)

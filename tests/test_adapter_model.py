@@ -386,7 +386,7 @@ def test_train_method_adapter_end_to_end(tmp_path, capsys):
                  "--max-length", "32", "--test-fraction", "0.25"]) == 0
     printed = capsys.readouterr().out
     assert "bottleneck adapters (pfeiffer), bottleneck 16" in printed
-    assert "HF PEFT comparison skipped: PEFT has no bottleneck adapter" in printed
+    assert "HF PEFT comparison skipped: no HF PEFT run of bottleneck on this model" in printed
     assert "reloaded" in printed and "merged" not in printed and "all checks passed" in printed
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["method"], config["placement"], config["bottleneck"]) == ("bottleneck", "pfeiffer", 16)

@@ -200,7 +200,7 @@ def test_train_method_diff_end_to_end(tmp_path, capsys, tiny_csv):
     printed = capsys.readouterr().out
     assert "diff pruning (density 0.05 per_weight, L0 search" in printed and "search: 3 steps" in printed
     assert "projected to a fixed mask: nnz 88,476 of 1,769,472 entries of 12 weights (density 0.0500)" in printed
-    assert "HF PEFT comparison skipped: PEFT has no diff pruning" in printed
+    assert "HF PEFT comparison skipped: no HF PEFT run of diff pruning on this model" in printed
     assert all(f"  {name} " in printed for name in ("unmerged", "merged", "reloaded", "merge_and_unload"))
     assert "all checks passed" in printed
     config = json.loads((out / "adapter_config.json").read_text())

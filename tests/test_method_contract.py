@@ -47,6 +47,13 @@ CASES = {
     "bottleneck": Case(lambda kind: fastpeft.BottleneckConfig(bottleneck=4, init="zero-up")),
     "diff_pruning": Case(lambda kind: fastpeft.DiffPruningConfig(target_modules=ATTENTION[kind], density=0.1),
                          ready=fastpeft.project_to_density),
+    "bitfit": Case(lambda kind: methods.named("bitfit").config_type(
+        add_biases=ATTENTION[kind] if kind == "llama" else None)),  # Llama has no biases: new zero ones train
+    "full_finetuning": Case(lambda kind: methods.named("full_finetuning").config_type()),
+    "frozen_features": Case(lambda kind: methods.named("frozen_features").config_type(
+        modules_to_save=["encoder.layer.1" if kind == "bert" else "layers.1"])),  # the top layer trains
+    "prompt_tuning": Case(lambda kind: methods.named("prompt_tuning").config_type(num_virtual_tokens=4)),
+    "prefix_tuning": Case(lambda kind: methods.named("prefix_tuning").config_type(num_virtual_tokens=4)),
 }
 PARAMS = [(name, kind) for name in CASES for kind in MODELS]
 
@@ -81,7 +88,8 @@ def test_inject_keeps_the_output_and_trains_only_the_method(name, kind):
     model = MODELS[kind]()
     before = output(model)
     fastpeft.inject(model, CASES[name].config(kind))
-    assert torch.equal(output(model), before)
+    changes = methods.named(name).changes_output_at_init  # e.g. prompt tuning: new tokens from the start
+    assert torch.equal(output(model), before) != changes
     method, config = methods.named(name), fastpeft.adapter_config(model, "default")
     trainable = [(key, p) for key, p in model.named_parameters() if p.requires_grad]
     claimed = method.trainable(model, "default", config) + saved_modules.parameters(model, "default")

@@ -93,7 +93,7 @@ def test_unmatched_targets_list_module_names_and_change_nothing():
 def test_bad_arguments():
     model = tiny_gpt2()
     with pytest.raises(TypeError, match=r"config must be a fastpeft method config \(LoraConfig, "
-                                        r"BottleneckConfig, DiffPruningConfig\), got dict"):
+                                        r"BottleneckConfig, DiffPruningConfig.*\), got dict"):
         inject(model, {"target_modules": ["c_attn"]})
     with pytest.raises(ValueError, match="adapter_name"):
         inject(model, LoraConfig(target_modules=["c_attn"]), adapter_name="a.b")

@@ -3,14 +3,24 @@
 import os
 
 from fastpeft.methods.base import Method
+from fastpeft.methods.bitfit import BitFitMethod
 from fastpeft.methods.bottleneck import BottleneckMethod
 from fastpeft.methods.diff_pruning import DiffPruningMethod
+from fastpeft.methods.frozen_features import FrozenFeaturesMethod
+from fastpeft.methods.full_finetuning import FullFinetuningMethod
 from fastpeft.methods.lora import LoraMethod
+from fastpeft.methods.prefix_tuning import PrefixTuningMethod
+from fastpeft.methods.prompt_tuning import PromptTuningMethod
 
 REGISTRY: dict[str, Method] = {method.name: method for method in (
     LoraMethod(),
     BottleneckMethod(),
     DiffPruningMethod(),
+    BitFitMethod(),
+    FullFinetuningMethod(),
+    FrozenFeaturesMethod(),
+    PromptTuningMethod(),
+    PrefixTuningMethod(),
 )}
 DEFAULT = "lora"  # the method of `fastpeft demo` / `fastpeft train` without --method
 
@@ -42,6 +52,10 @@ def for_file(file_config, directory: str) -> Method:
     for method in REGISTRY.values():
         if method.reads(file_config):
             return method
+    peft_types = " / ".join(repr(m.peft_type) for m in REGISTRY.values() if m.peft_type)
+    if "method" not in file_config:  # a PEFT file of a method fastpeft does not have
+        raise ValueError(f"{source}: peft_type is {file_config.get('peft_type')!r}; fastpeft loads {peft_types} "
+                         "adapters of PEFT")
     named = [m.name for m in REGISTRY.values() if m.reads({"method": m.name})]
-    raise ValueError(f"{source}: unknown method {file_config.get('method')!r}; fastpeft reads {named} and PEFT's LoRA "
-                     "files (which name no method)")
+    raise ValueError(f"{source}: unknown method {file_config.get('method')!r}; fastpeft reads {named} and PEFT's "
+                     f"{peft_types} files (which name no method)")

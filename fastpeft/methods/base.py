@@ -14,6 +14,8 @@ class Method:
     config_type: type = object
     one_per_model = False  # True: a model holds at most one adapter of this method
     cannot_merge = ""  # why merge is refused; "" for methods that merge
+    changes_output_at_init = False  # True: a fresh adapter changes the output (e.g. prompt tuning's new tokens)
+    peft_type = ""  # the peft_type of the PEFT files it reads and writes ("" for a format of fastpeft's own)
 
     # --- what it wraps -------------------------------------------------------------------------------------------
     def planned_paths(self, model: nn.Module, config) -> set[str]:
@@ -89,6 +91,7 @@ class Method:
     # --- the command line and the demo (fastpeft.cli, fastpeft.demo) ----------------------------------------------
     cli_options: dict[str, dict] = {}  # `fastpeft train` flags: flag -> argparse keywords (type, default, help)
     demo_options: dict[str, object] = {}  # those of cli_options that `fastpeft demo` takes, with its defaults
+    demo_lr = 3e-3  # the demo's peak learning rate (prompt tuning needs a far larger one than weight adapters)
 
     def cli_config(self, options: dict, modules_to_save: list[str], demo: bool):
         """The config a run uses, from the values of cli_options (`demo`: the packaged MiniLM's run)."""
@@ -103,5 +106,6 @@ class Method:
         fastpeft.training.train on the run's data."""
 
     def peft_config(self, config):
-        """The same adapter as a HF PEFT config, for the demo's comparison (None: PEFT has no such method)."""
+        """The same adapter as a HF PEFT config, for the demo's comparison (None: no PEFT run: PEFT lacks the method, or
+        refuses it on the demo's model)."""
         return None

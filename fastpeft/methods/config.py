@@ -7,6 +7,9 @@ from dataclasses import MISSING, asdict, fields, replace
 ALL_LINEAR = "all-linear"
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 SEQ_CLS_HEADS = ("classifier", "score")  # the head of transformers' *ForSequenceClassification models
+# The command line's --num-virtual-tokens, one flag for the methods that take it (prompt and prefix tuning).
+NUM_VIRTUAL_TOKENS_OPTION = dict(default=20, help="learned virtual tokens: in front of the input (prompt tuning), of "
+                                                  "every attention layer's keys and values (prefix tuning)")
 
 
 def check_pattern(name: str, key) -> None:
@@ -74,6 +77,40 @@ class MethodConfig:
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{source}: unknown {cls.LABEL} settings {unknown}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def replace(self, **changes):
+        """A copy with `changes`, validated again."""
+        return replace(self, **changes)
+
+
+class PeftFileConfig:
+    """Mixin for frozen dataclass configs saved in PEFT's own format (prompt and prefix tuning): a subclass sets
+    PEFT_TYPE and PEFT_DEFAULTS (the keys of peft's config that fastpeft does not model, at peft's defaults)."""
+
+    PEFT_TYPE = ""
+    PEFT_DEFAULTS: dict = {}
+
+    def to_peft_dict(self, **overrides) -> dict:
+        """The dict peft's `save_pretrained` writes as adapter_config.json."""
+        own = {f.name: getattr(self, f.name) for f in fields(self)}
+        if own.get("modules_to_save") is not None:
+            own["modules_to_save"] = list(own["modules_to_save"])
+        return {**self.PEFT_DEFAULTS, **own, **overrides}
+
+    @classmethod
+    def from_peft_dict(cls, config: dict, source: str = "adapter config"):
+        """Read a PEFT adapter config dict; PEFT's bookkeeping keys (peft_version, inference_mode, ...) are ignored."""
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        if config.get("peft_type") != cls.PEFT_TYPE:
+            raise ValueError(f"{source}: peft_type is {config.get('peft_type')!r}, expected {cls.PEFT_TYPE!r}")
+        refuse_nulls(cls, config, source, allowed=("num_transformer_submodules",))  # PEFT fills that one itself
+        known = {f.name for f in fields(cls)}
+        kwargs = {key: value for key, value in config.items() if key in known and value is not None}
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:

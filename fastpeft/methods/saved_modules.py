@@ -1,8 +1,11 @@
 """modules_to_save for every method: the modules trained and saved in full beside an adapter (e.g. a classifier
 head), one ModulesToSave wrapper per module holding a copy per adapter name."""
+import torch
 from torch import nn
 
+from fastpeft.methods.files import Entry
 from fastpeft.methods.replace import put_in
+from fastpeft.methods.switches import switch_off
 from fastpeft.modules.modules_to_save import ModulesToSave
 
 
@@ -40,6 +43,26 @@ def state(model: nn.Module, name: str) -> dict:
             for key, value in wrapper.modules_to_save[name].state_dict().items()}
 
 
+def entries(found: list[tuple[str, nn.Module]], name: str, prefix: str) -> dict[str, Entry]:
+    """File key (`prefix<path>.<key>`) -> Entry for adapter `name`'s copy of each found module, from the plan alone
+    (before the copies exist), so that a load is checked before it changes anything."""
+    found_entries = {}
+    for path, module in found:
+        copy = module.modules_to_save[name] if isinstance(module, ModulesToSave) and name in module.modules_to_save \
+            else getattr(module, "original_module", module)
+        for key, value in copy.state_dict().items():
+            found_entries[f"{prefix}{path}.{key}"] = Entry(f"{path}.modules_to_save.{name}.{key}", tuple(value.shape),
+                                                           value.dtype)
+    return found_entries
+
+
+@torch.no_grad()
+def copy_in(model: nn.Module, name: str, tensors: dict, prefix: str) -> None:
+    """Adapter `name`'s copies take the file's values (`prefix<path>.<key>`)."""
+    for key, value in state(model, name).items():
+        value.copy_(tensors[prefix + key])
+
+
 def delete(model: nn.Module, name: str) -> None:
     """Drop adapter `name`'s copies; a wrapper left with none gives its place back to the original module."""
     for path, wrapper in wrappers(model, name):
@@ -50,15 +73,7 @@ def delete(model: nn.Module, name: str) -> None:
 
 def disable(model: nn.Module):
     """Run the original modules; returns the function that undoes it."""
-    found = [wrapper for _, wrapper in wrappers(model)]
-    before = [wrapper.disabled for wrapper in found]
-    for wrapper in found:
-        wrapper.disabled = True
-
-    def undo():
-        for wrapper, was in zip(found, before):
-            wrapper.disabled = was
-    return undo
+    return switch_off(wrapper for _, wrapper in wrappers(model))
 
 
 def unload(model: nn.Module) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from fastpeft.arguments import positive_int
 from fastpeft.methods import saved_modules
 from fastpeft.methods.base import Method
+from fastpeft.methods.switches import switch_off
 from fastpeft.methods.bottleneck.config import PLACEMENTS, BottleneckConfig
 from fastpeft.methods.bottleneck.sites import adapter_wrappers, sites
 from fastpeft.methods.files import PREFIX, Entry, check_tensors
@@ -70,15 +71,7 @@ class BottleneckMethod(Method):
         return [p for _, wrapper in adapter_wrappers(model) for p in wrapper.adapter.parameters()]
 
     def disable(self, model: nn.Module):
-        found = [wrapper for _, wrapper in adapter_wrappers(model)]
-        before = [wrapper.disabled for wrapper in found]
-        for wrapper in found:
-            wrapper.disabled = True
-
-        def undo():
-            for wrapper, was in zip(found, before):
-                wrapper.disabled = was
-        return undo
+        return switch_off(wrapper for _, wrapper in adapter_wrappers(model))
 
     def delete(self, model: nn.Module, name: str) -> None:
         for path, wrapper in adapter_wrappers(model):

@@ -1,12 +1,12 @@
 """Diff pruning (Guo, Rush & Kim 2021) as a method. `inject` wraps the targets in DiffSearchLinear (stage 1: dense
 diffs under hard-concrete L0 gates); `search.project_to_density` fixes the mask (stage 2: SparseDeltaLinear layers,
 built merged: the base weight holds W0 + delta in place). One adapter per model; the file is the fixed-mask stage."""
-import torch
 from torch import nn
 
 from fastpeft.arguments import density, positive_int, target_modules
 from fastpeft.methods import saved_modules
 from fastpeft.methods.base import Method
+from fastpeft.methods.switches import switch_off
 from fastpeft.methods.diff_pruning import files
 from fastpeft.methods.diff_pruning.config import DiffPruningConfig
 from fastpeft.methods.diff_pruning.layers import build_layers, search_layers, sparse_layers
@@ -97,13 +97,10 @@ class DiffPruningMethod(Method):
         remerge = [layer for layer in layers if getattr(layer, "merged", False)]
         for layer in remerge:
             layer.unmerge()
-        before = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
+        switch_on = switch_off(layers)
 
         def undo():
-            for layer, was in zip(layers, before):
-                layer.disabled = was
+            switch_on()
             for layer in remerge:
                 layer.merge()
         return undo
@@ -136,9 +133,7 @@ class DiffPruningMethod(Method):
                                      tensors[f"{PREFIX}{path}.values"].to(device))
 
         apply(model, build_layers(targets, layer), found, name)
-        with torch.no_grad():
-            for key, value in saved_modules.state(model, name).items():
-                value.copy_(tensors[PREFIX + key])
+        saved_modules.copy_in(model, name, tensors, PREFIX)
 
         def undo():
             self.delete(model, name)

@@ -14,7 +14,6 @@ from fastpeft.methods.lora.targets import Target, adapter_layers, current_target
 from fastpeft.methods.targets import find_saved_modules
 from fastpeft.modules.linear import linear_features
 from fastpeft.modules.lora import LoraLinear
-from fastpeft.modules.modules_to_save import ModulesToSave
 
 
 def state(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict, dict]:
@@ -85,12 +84,7 @@ def adapter_entries(model: nn.Module, config: LoraConfig, name: str, targets: li
         dtype = t.base_layer.weight.dtype
         entries[f"{PREFIX}{t.path}.lora_A.weight"] = Entry(f"{t.path}.lora_A.{name}", (t.r, in_features), dtype)
         entries[f"{PREFIX}{t.path}.lora_B.weight"] = Entry(f"{t.path}.lora_B.{name}", (out_features, t.r), dtype)
-    for path, module in saved:
-        copy = module.modules_to_save[name] if isinstance(module, ModulesToSave) and name in module.modules_to_save \
-            else getattr(module, "original_module", module)
-        for key, value in copy.state_dict().items():
-            entries[f"{PREFIX}{path}.{key}"] = Entry(f"{path}.modules_to_save.{name}.{key}", tuple(value.shape),
-                                                     value.dtype)
+    entries.update(saved_modules.entries(saved, name, PREFIX))
     for key, (model_key, value) in _biases(model, config, targets, saved).items():
         entries[PREFIX + key] = Entry(model_key, tuple(value.shape), value.dtype)
     return entries

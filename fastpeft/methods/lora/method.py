@@ -8,6 +8,7 @@ from torch import nn
 from fastpeft.arguments import positive_int, target_modules
 from fastpeft.methods import saved_modules
 from fastpeft.methods.base import Method
+from fastpeft.methods.switches import switch_off
 from fastpeft.methods.lora import files
 from fastpeft.methods.lora.config import INITS_SUPPORTED, LoraConfig
 from fastpeft.methods.lora.build import add_adapter, check_new_name
@@ -23,6 +24,7 @@ class LoraMethod(Method):
     name = "lora"
     label = "LoRA"
     config_type = LoraConfig
+    peft_type = "LORA"
 
     cli_options = {
         "--r": dict(type=positive_int, default=8, help="LoRA rank (the demo's lora_alpha is 2 r)"),
@@ -92,15 +94,7 @@ class LoraMethod(Method):
         return params
 
     def disable(self, model: nn.Module):
-        layers = [layer for _, layer in lora_layers(model)]
-        before = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
-
-        def undo():
-            for layer, was in zip(layers, before):
-                layer.disabled = was
-        return undo
+        return switch_off(layer for _, layer in lora_layers(model))
 
     def delete(self, model: nn.Module, name: str) -> None:
         if any(m.merged_adapter == name for _, m in lora_layers(model)):
@@ -112,7 +106,8 @@ class LoraMethod(Method):
                     model.set_submodule(path, layer.base_layer)
 
     def reads(self, file_config: dict) -> bool:
-        return "method" not in file_config  # PEFT's files name no method; a non-LoRA peft_type is refused on load
+        # PEFT's files name no method; those of its other methods (e.g. PROMPT_TUNING) are other methods' to read
+        return "method" not in file_config and file_config.get("peft_type") in (None, self.peft_type)
 
     def file_config(self, saved) -> LoraConfig:
         return LoraConfig.from_peft_dict(saved.config, source=saved.config_path)
