@@ -3,6 +3,8 @@
   fastpeft demo    LoRA-fine-tune the packaged all-MiniLM-L6-v2 on the packaged sentiment data, compare with
                    HF PEFT, save, reload, merge and check (no arguments needed, nothing downloaded)
   fastpeft train   the same on your own local model directory and .csv / .jsonl data
+  fastpeft compare every method trained the same way on the demo's model and data: one table of trainable
+                   parameters, ms / step, memory, accuracy and file size (markdown, JSON, PNG)
   --method M       in either: another registered method instead of LoRA (`fastpeft train --help` lists them and
                    the flags each takes); methods without a PEFT peer skip the comparison, those that do not merge
                    are checked by reloading
@@ -12,9 +14,9 @@ from pathlib import Path
 
 import transformers
 
-from fastpeft import demo, methods
+from fastpeft import compare, demo, methods
 from fastpeft.arguments import device, output_dir, positive_float, positive_int
-from fastpeft.datasets import load_splits
+from fastpeft.datasets import demo_dataset, load_splits
 from fastpeft.methods.config import SEQ_CLS_HEADS
 
 CLASSIFIER_HEADS = list(SEQ_CLS_HEADS)  # trained (new) and saved beside any method's adapter
@@ -64,7 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the head, adapter init, dropout, shuffling, split")
     train.add_argument("--device", type=device, default="cpu", help="torch device")
     add_method_arguments(train, "train")
+
+    run_compare = commands.add_parser("compare", help="train every method the same way on the packaged MiniLM and "
+                                      "sentiment data, and tabulate what each costs and gives", formatter_class=defaults)
+    run_compare.add_argument("--methods", type=method_list, default=None,
+                             help=f"comma-separated methods (default: all of {','.join(methods.names())})")
+    run_compare.add_argument("--epochs", type=positive_int, default=2, help="passes over the training data")
+    run_compare.add_argument("--output-dir", type=output_dir, default="fastpeft-compare",
+                             help="where compare.json, compare.png and each method's adapter are written")
+    run_compare.add_argument("--seed", type=int, default=0, help="seed of the heads, adapter inits, shuffling")
+    run_compare.add_argument("--device", type=device, default="cpu", help="torch device")
     return parser
+
+
+def method_list(text: str) -> list[str]:
+    """Comma-separated names of registered methods."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in methods.names()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or [text]}; fastpeft has {methods.names()}")
+    return names
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -82,6 +103,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     args.options = {}
+    if args.command == "compare":  # every method at its demo defaults: no method flags
+        return args
     for flag, (_, defaults) in method_flags(args.command).items():
         dest = flag[2:].replace("-", "_")
         if hasattr(args, dest) and args.method not in defaults:
@@ -109,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, parser)
     transformers.logging.set_verbosity_error()  # no load reports about the new, untrained head
     transformers.logging.disable_progress_bar()
-    if args.command == "demo":
+    if args.command == "compare":
+        train, test = demo_dataset()
+        report = compare.run(demo.packaged_model_dir(), train, test, args.output_dir, epochs=args.epochs,
+                             seed=args.seed, device=args.device, names=args.methods)
+        failures = [] if report["rows"] else ["no method could be compared"]
+    elif args.command == "demo":
         failures = demo.run_demo(epochs=args.epochs, output_dir=args.output_dir, seed=args.seed, device=args.device,
                                  method=args.method, options=args.options)
     else:
