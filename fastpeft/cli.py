@@ -20,7 +20,6 @@ from fastpeft.datasets import demo_dataset, load_splits
 from fastpeft.methods.config import SEQ_CLS_HEADS
 
 CLASSIFIER_HEADS = list(SEQ_CLS_HEADS)  # trained (new) and saved beside any method's adapter
-DEMO_HEADS = ["classifier"]  # MiniLM's sequence classification head
 
 
 def method_flags(command: str) -> dict[str, tuple[dict, dict]]:
@@ -138,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                              seed=args.seed, device=args.device, names=args.methods)
         failures = [] if report["rows"] else ["no method could be compared"]
     elif args.command == "demo":
+        try:  # a method the demo cannot run (e.g. one that needs several tasks' data) is a usage error
+            methods.named(args.method).cli_config(args.options, demo.DEMO_HEADS, demo=True)
+        except (TypeError, ValueError) as e:
+            parser.error(str(e))
         failures = demo.run_demo(epochs=args.epochs, output_dir=args.output_dir, seed=args.seed, device=args.device,
                                  method=args.method, options=args.options)
     else:

@@ -20,9 +20,9 @@ import transformers
 from fastpeft import methods, training
 from fastpeft.api import inject, save_adapter, trainable_parameters
 from fastpeft.datasets import LabelledText
+from fastpeft.demo import DEMO_HEADS
 from fastpeft.methods.files import CONFIG_NAME, WEIGHTS_NAME
 
-HEAD = ["classifier"]  # the packaged MiniLM classifier's head, trained in full beside every method
 COLUMNS = ("method", "trainable", "trainable %", "ms / step", "saved act. MB", "state MB", "peak MB", "accuracy",
            "file KB")
 
@@ -43,7 +43,7 @@ def run(model_dir: Path, train: LabelledText, test: LabelledText, output_dir: Pa
         method = methods.named(name)
         options = {flag[2:].replace("-", "_"): value for flag, value in method.demo_options.items()}
         try:
-            config = method.cli_config(options, HEAD, demo=True)
+            config = method.cli_config(options, DEMO_HEADS, demo=True)
         except (TypeError, ValueError, NotImplementedError) as e:
             skipped[name] = str(e) or "it does not train a sequence classifier on its own"
             log(f"{name}: skipped ({skipped[name]})")

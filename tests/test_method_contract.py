@@ -54,6 +54,10 @@ CASES = {
         modules_to_save=["encoder.layer.1" if kind == "bert" else "layers.1"])),  # the top layer trains
     "prompt_tuning": Case(lambda kind: methods.named("prompt_tuning").config_type(num_virtual_tokens=4)),
     "prefix_tuning": Case(lambda kind: methods.named("prefix_tuning").config_type(num_virtual_tokens=4)),
+    "multitask": Case(lambda kind: methods.named("multitask").config_type(tasks={  # heads beside the encoder
+        "a": {"kind": "classification", "num_labels": 3}, "b": {"kind": "regression"},
+        "t": {"kind": "token_classification", "num_labels": 2}})),
+    "trainable_tokens": Case(lambda kind: methods.named("trainable_tokens").config_type(token_indices=[3, 9, 60])),
 }
 PARAMS = [(name, kind) for name in CASES for kind in MODELS]
 

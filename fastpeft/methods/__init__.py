@@ -9,8 +9,10 @@ from fastpeft.methods.diff_pruning import DiffPruningMethod
 from fastpeft.methods.frozen_features import FrozenFeaturesMethod
 from fastpeft.methods.full_finetuning import FullFinetuningMethod
 from fastpeft.methods.lora import LoraMethod
+from fastpeft.methods.multitask import MultiTaskMethod
 from fastpeft.methods.prefix_tuning import PrefixTuningMethod
 from fastpeft.methods.prompt_tuning import PromptTuningMethod
+from fastpeft.methods.trainable_tokens import TrainableTokensMethod
 
 REGISTRY: dict[str, Method] = {method.name: method for method in (
     LoraMethod(),
@@ -21,6 +23,8 @@ REGISTRY: dict[str, Method] = {method.name: method for method in (
     FrozenFeaturesMethod(),
     PromptTuningMethod(),
     PrefixTuningMethod(),
+    MultiTaskMethod(),
+    TrainableTokensMethod(),
 )}
 DEFAULT = "lora"  # the method of `fastpeft demo` / `fastpeft train` without --method
 
