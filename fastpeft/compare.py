@@ -1,5 +1,6 @@
 """`fastpeft compare`: every registered method that trains a sequence classifier on its own, trained the same way
-(the same model, data, epochs, batches and seed; each at its demo learning rate) and measured, not quoted: trainable
+(the same model, data, epochs, batches and seed; each run is the method's `fastpeft demo` run, at its demo learning
+rate, from a freshly seeded model) and measured, not quoted: trainable
 parameters, median ms per training step, saved activation bytes, the trained state's memory, test accuracy and the
 saved adapter's file size. Printed as a markdown table, written as JSON and as a plot of accuracy against trainable
 share (marker size: step time).
@@ -7,7 +8,6 @@ share (marker size: step time).
 Methods run one after another, so a change in the machine's load between them moves their step times; the state
 memory is computed (trainable parameters, their gradients and AdamW's two moments, fp32), on CUDA the peak allocated
 memory is measured as well."""
-import copy
 import datetime
 import json
 import os
@@ -32,13 +32,17 @@ def run(model_dir: Path, train: LabelledText, test: LabelledText, output_dir: Pa
         log=print) -> dict:
     """Train and measure each method in `names` (default: every registered one); returns the report (also written
     to `output_dir`/compare.json, with compare.png and each method's saved adapter)."""
-    transformers.set_seed(seed)
-    base, tokenizer = training.load_classifier(model_dir, train.label_names, device)
+    def fresh_model():  # as `fastpeft demo` starts: the seed, then the model with its new head
+        transformers.set_seed(seed)
+        return training.load_classifier(model_dir, train.label_names, device)
+
+    base, tokenizer = fresh_model()
     train_enc = training.EncodedText(tokenizer, train, max_length)
     test_enc = training.EncodedText(tokenizer, test, max_length)
     first_batch = train_enc.batches(batch_size)[0].to(device)
     rows, skipped = [], {}
     untrained, _ = training.evaluate(base, test_enc, device=device)
+    del base
     for name in names or methods.names():
         method = methods.named(name)
         options = {flag[2:].replace("-", "_"): value for flag, value in method.demo_options.items()}
@@ -48,7 +52,7 @@ def run(model_dir: Path, train: LabelledText, test: LabelledText, output_dir: Pa
             skipped[name] = str(e) or "it does not train a sequence classifier on its own"
             log(f"{name}: skipped ({skipped[name]})")
             continue
-        rows.append(_measure(name, method, config, copy.deepcopy(base), train_enc, test_enc, first_batch,
+        rows.append(_measure(name, method, config, fresh_model()[0], train_enc, test_enc, first_batch,
                              output_dir / name, epochs, batch_size, seed, device, options, log))
     report = {"op": "compare", "device": device, "model": str(model_dir), "train_examples": len(train),
               "test_examples": len(test), "epochs": epochs, "batch_size": batch_size, "seed": seed,
@@ -64,12 +68,12 @@ def run(model_dir: Path, train: LabelledText, test: LabelledText, output_dir: Pa
 def _measure(name, method, config, model, train_enc, test_enc, first_batch, adapter_dir: Path, epochs: int,
              batch_size: int, seed: int, device: str, options: dict, log) -> dict:
     inject(model, config)
-    trainable, total = trainable_parameters(model)
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     method.before_training(model, config, lambda n, **kwargs: training.train(
         model, train_enc, n, method.demo_lr, batch_size, seed=seed, device=device, progress=False, **kwargs),
         options, lambda line: None)
+    trainable, total = trainable_parameters(model)  # what the measured training trains (after a search stage)
     start = time.perf_counter()
     result = training.train(model, train_enc, epochs, method.demo_lr, batch_size, seed=seed, device=device,
                             desc=name)
@@ -119,8 +123,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters, % of the model (log)")
     ax.set_ylabel("test accuracy, %")
-    ax.set_title(f"fastpeft compare: {Path(report['model']).name}, {report['epochs']} epochs, {report['device']} "
-                 "(marker area: ms / step)", fontsize=9)
+    ax.set_title(f"fastpeft compare: {report['train_examples']} train / {report['test_examples']} test examples, "
+                 f"{report['epochs']} epochs, {report['device']} (marker area: ms / step)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
