@@ -23,8 +23,8 @@ from fastpeft.datasets import LabelledText
 from fastpeft.demo import DEMO_HEADS
 from fastpeft.methods.files import CONFIG_NAME, WEIGHTS_NAME
 
-COLUMNS = ("method", "trainable", "trainable %", "ms / step", "saved act. MB", "state MB", "peak MB", "accuracy",
-           "file KB")
+COLUMNS = ("method", "trainable", "trainable %", "ms / step", "saved act. MB", "grads MB", "state MB", "peak MB",
+           "accuracy", "file KB")
 
 
 def run(model_dir: Path, train: LabelledText, test: LabelledText, output_dir: Path, epochs: int = 2,
@@ -81,15 +81,28 @@ def _measure(name, method, config, model, train_enc, test_enc, first_batch, adap
     peak = torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else None
     accuracy, _ = training.evaluate(model, test_enc, device=device)
     saved = training.saved_activation_bytes(model, first_batch)
+    grads = gradient_bytes(model, first_batch)
     save_adapter(model, adapter_dir)
     file_bytes = sum(os.path.getsize(adapter_dir / f) for f in (CONFIG_NAME, WEIGHTS_NAME))
     row = {"method": name, "label": method.label, "describe": method.describe(config), "trainable": trainable,
            "total": total, "trainable_pct": 100 * trainable / total, "step_ms": result.median_step_ms(),
-           "train_seconds": seconds, "saved_activation_bytes": saved, "state_bytes": 4 * 4 * trainable,
+           "train_seconds": seconds, "saved_activation_bytes": saved, "gradient_bytes": grads,
+           "state_bytes": 4 * 4 * trainable,
            "peak_bytes": peak, "accuracy": accuracy, "first_loss": result.losses[0], "last_loss": result.losses[-1],
            "file_bytes": file_bytes}
     log(f"{name}: accuracy {accuracy:.1%}, {row['step_ms']:.1f} ms/step, {trainable:,} trainable")
     return row
+
+
+def gradient_bytes(model, batch) -> int:
+    """Bytes of the gradients one backward computes: the parameters that train, nothing of the frozen weights (BitFit
+    computes no weight gradient at all)."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    model(**batch).loss.backward()
+    found = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return found
 
 
 def markdown_table(report: dict) -> str:
@@ -97,7 +110,8 @@ def markdown_table(report: dict) -> str:
     for r in report["rows"]:
         peak = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "–"
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['step_ms']:.1f} | "
-                     f"{r['saved_activation_bytes'] / 2**20:.1f} | {r['state_bytes'] / 2**20:.2f} | {peak} | "
+                     f"{r['saved_activation_bytes'] / 2**20:.1f} | {r['gradient_bytes'] / 2**20:.2f} | "
+                     f"{r['state_bytes'] / 2**20:.2f} | {peak} | "
                      f"{r['accuracy']:.1%} | {r['file_bytes'] / 2**10:.0f} |")
     lines.append(f"\nuntrained head: {report['untrained_head_accuracy']:.1%} test accuracy; "
                  f"{report['train_examples']} train / {report['test_examples']} test examples, {report['epochs']} "

@@ -25,6 +25,7 @@ def test_compare_measures_each_method_and_writes_the_report(tmp_path, monkeypatc
     for row in report["rows"]:
         assert 0 < row["trainable"] < row["total"] and 0 <= row["accuracy"] <= 1 and row["step_ms"] > 0
         assert row["saved_activation_bytes"] > 0 and row["state_bytes"] == 16 * row["trainable"]
+        assert row["gradient_bytes"] == 4 * row["trainable"]  # fp32 grads of exactly the trainable parameters
         assert row["file_bytes"] == sum(f.stat().st_size for f in (tmp_path / row["method"]).iterdir())
     assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(report))
     assert (tmp_path / "compare.png").stat().st_size > 1000
