@@ -1,9 +1,11 @@
 """What is particular to prefix tuning (the contract test covers the rest): PEFT's files both ways with PEFT's outputs
-on a tiny GPT-2 and Llama (CAUSAL_LM); MiniLM (BERT), where peft 0.21 refuses prefix tuning under transformers 5.x, so
-there only our own save / load round trip is checked, bit for bit, and the padding mask is checked against the
-sentences run alone; generation; the MLP reparameterisation; and clear errors for bad options."""
+on a tiny GPT-2 and Llama (CAUSAL_LM); MiniLM (BERT), where peft 0.21 refuses prefix tuning under transformers 5.25
+(and under 5.17 numbers the tokens after the prefix, which we do not on BERT), so there PEFT's outputs are checked
+only on 5.17, with its positions given, and otherwise our own save / load round trip, bit for bit, and the padding
+mask against the sentences run alone; generation; the MLP reparameterisation; and clear errors for bad options."""
 import copy
 import functools
+import inspect
 import json
 
 import peft
@@ -153,13 +155,33 @@ def test_positions_are_peft_s():
     torch.testing.assert_close(outputs(ours, plain).logits, counted)
 
 
-# --- BERT / MiniLM, which PEFT refuses ------------------------------------------------------------------------------
-def test_peft_refuses_minilm():
-    """Why the MiniLM tests below have no PEFT reference: if this starts passing through, add one."""
-    theirs = peft.get_peft_model(minilm_classifier(), peft.PrefixTuningConfig(task_type="SEQ_CLS",
-                                                                               num_virtual_tokens=N))
-    with pytest.raises(ValueError, match="does not support past key values"):
-        theirs(**minilm_batch())
+# --- BERT / MiniLM, which PEFT refuses under newer transformers ----------------------------------------------------
+def test_peft_on_minilm_refuses_or_agrees_with_ours():
+    """PEFT 0.21 hands BERT its prefixes through BertModel's cache argument. transformers 5.25 renamed that argument
+    `cache` (BertModel.forward has no `past_key_values`), and PEFT refuses; 5.17 still takes `past_key_values`, and
+    PEFT's outputs there are ours, once the tokens are numbered as PEFT's run numbers them: after its cache, from
+    num_virtual_tokens on (BertEmbeddings counts from the cache's length). We leave BERT's positions alone (the
+    prefix only joins the attention), on both versions; the MiniLM tests below therefore check ours on their own."""
+    ours = moved(fastpeft.inject(minilm_classifier(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)))
+    base = minilm_classifier()
+    theirs = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
+    batch = minilm_batch()
+    if "past_key_values" not in inspect.signature(base.bert.forward).parameters:  # transformers 5.25
+        with pytest.raises(ValueError, match="does not support past key values"):
+            theirs(**batch)
+        return
+    with torch.no_grad():  # transformers 5.17: the same prefixes and classifier on both sides
+        theirs.prompt_encoder["default"].embedding.weight.copy_(ours.prefix_tuning.encoders["default"]())
+        theirs.base_model.classifier.modules_to_save["default"].load_state_dict(
+            ours.classifier.modules_to_save["default"].state_dict())
+    for attention in ("eager", "sdpa"):
+        ours.set_attn_implementation(attention)
+        base.set_attn_implementation(attention)
+        expected = outputs(theirs, batch).logits
+        positions = torch.arange(batch["input_ids"].shape[1])[None] + N  # PEFT's numbering, after its cache
+        torch.testing.assert_close(outputs(ours, {**batch, "position_ids": positions}).logits, expected, rtol=1e-5,
+                                   atol=1e-6)
+        assert not torch.allclose(outputs(ours, batch).logits, expected, atol=1e-3)  # ours, positions from 0
 
 
 def test_minilm_trains_and_round_trips_bit_exactly(tmp_path):

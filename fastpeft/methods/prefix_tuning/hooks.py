@@ -9,7 +9,10 @@
   position_ids counted from the attention mask) then sees the same ones as a forward without position_ids.
 - Attention path (BERT-style encoders): a hook on each self-attention module hands it, as its cache argument, a
   `PrefixRows` that puts the layer's prefix in front of its keys and values, and puts "attend" columns in front of
-  its 4-D attention mask. Embeddings, positions and everything outside the attention are untouched.
+  its 4-D attention mask. Embeddings, positions and everything outside the attention are untouched. The cache
+  argument is named as the module's forward names it: `cache` in transformers 5.25, `past_key_values` in 5.17
+  (there a `cache` keyword would fall into its **kwargs unused, leaving the keys short of the widened mask); both
+  versions then call the cache's `update` once and pass the mask through to the attention function alike.
 Hooks are partials of module-level functions (no closures), so that copy.deepcopy and pickling carry them along."""
 import functools
 import inspect
@@ -19,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from fastpeft.methods.prefix_tuning.encoder import ATTRIBUTE, PrefixEncoders
-from fastpeft.methods.prefix_tuning.sites import CACHE_ARGUMENTS, Sites
+from fastpeft.methods.prefix_tuning.sites import CACHE_ARGUMENTS, Sites, cache_parameter
 
 
 def install(model: nn.Module, sites: Sites) -> None:
@@ -30,8 +33,9 @@ def install(model: nn.Module, sites: Sites) -> None:
     if sites.cache_argument is not None:
         model.register_forward_pre_hook(functools.partial(prefix_cache, sites.cache_argument), with_kwargs=True)
     for layer, path in enumerate(sites.attention):
-        model.get_submodule(path).register_forward_pre_hook(
-            functools.partial(prefix_attention, layer, encoders), with_kwargs=True)
+        module = model.get_submodule(path)
+        module.register_forward_pre_hook(
+            functools.partial(prefix_attention, cache_parameter(module), layer, encoders), with_kwargs=True)
 
 
 def remove(model: nn.Module) -> None:
@@ -112,9 +116,10 @@ class PrefixRows:
                 torch.cat([self.value.to(value.dtype), value], dim=-2))
 
 
-def prefix_attention(layer: int, encoders: PrefixEncoders, module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook (with_kwargs) of self-attention module number `layer`: its prefix rows as the cache, and its
-    attention mask widened to match."""
+def prefix_attention(argument: str, layer: int, encoders: PrefixEncoders, module: nn.Module, args: tuple,
+                     kwargs: dict):
+    """Forward pre-hook (with_kwargs) of self-attention module number `layer`: its prefix rows as the cache (given
+    as `argument`, the module's name for it: see .sites.cache_parameter), and its attention mask widened to match."""
     encoder = encoders.active()
     if encoder is None:
         return None
@@ -125,7 +130,7 @@ def prefix_attention(layer: int, encoders: PrefixEncoders, module: nn.Module, ar
     hidden = kwargs["hidden_states"]
     key, value = encoder.layer(encoder(), layer, hidden.shape[0], hidden.dtype)
     kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
-    kwargs["cache"] = PrefixRows(key, value)
+    kwargs[argument] = PrefixRows(key, value)
     mask = kwargs.get("attention_mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
