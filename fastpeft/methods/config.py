@@ -52,6 +52,14 @@ def refuse_nulls(cls, config: dict, source: str, allowed: tuple[str, ...] = ()) 
                          "out for the default")
 
 
+def construct(cls, kwargs: dict, source: str):
+    """cls(**kwargs), validated by the config itself; its errors name `source` (the file)."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
 class MethodConfig:
     """Mixin for frozen dataclass configs; a subclass sets METHOD (the file's "method") and LABEL (its name in
     errors)."""
@@ -77,10 +85,7 @@ class MethodConfig:
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{source}: unknown {cls.LABEL} settings {unknown}")
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
+        return construct(cls, kwargs, source)
 
     def replace(self, **changes):
         """A copy with `changes`, validated again."""
@@ -110,11 +115,8 @@ class PeftFileConfig:
             raise ValueError(f"{source}: peft_type is {config.get('peft_type')!r}, expected {cls.PEFT_TYPE!r}")
         refuse_nulls(cls, config, source, allowed=("num_transformer_submodules",))  # PEFT fills that one itself
         known = {f.name for f in fields(cls)}
-        kwargs = {key: value for key, value in config.items() if key in known and value is not None}
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
+        return construct(cls, {key: value for key, value in config.items() if key in known and value is not None},
+                         source)
 
     def replace(self, **changes):
         """A copy with `changes`, validated again."""

@@ -3,7 +3,7 @@ creation, and its conversion to and from the dict that peft 0.21 writes."""
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from fastpeft.methods.config import (SEQ_CLS_HEADS, TASK_TYPES, check_pattern, names, normalise_targets,
+from fastpeft.methods.config import (SEQ_CLS_HEADS, TASK_TYPES, check_pattern, construct, names, normalise_targets,
                                      refuse_nulls)
 from fastpeft.modules import lora_args
 
@@ -113,10 +113,7 @@ class LoraConfig:
         kwargs = {key: value for key, value in config.items() if key in known and value is not None}
         kwargs.setdefault("rank_pattern", {})
         kwargs.setdefault("alpha_pattern", {})
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from e
+        return construct(cls, kwargs, source)
 
     def replace(self, **changes) -> "LoraConfig":
         """A copy with `changes`, validated again."""

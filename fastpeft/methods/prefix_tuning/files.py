@@ -39,10 +39,7 @@ def load(model: nn.Module, saved: SavedAdapter, config: PrefixTuningConfig, name
         encoder = apply(model, planned, name, projection=False)
         with torch.no_grad():
             encoder.embedding.weight.copy_(saved.tensors[PREFIX_KEY])
-            for path, _ in planned.saved:
-                copy = model.get_submodule(path).modules_to_save[name]
-                for key, value in copy.state_dict(keep_vars=True).items():
-                    value.copy_(saved.tensors[f"{SAVED_PREFIX}{path}.{key}"])
+        saved_modules.copy_in(model, name, saved.tensors, SAVED_PREFIX)
     except BaseException:
         undo()
         raise
