@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2Model
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2Model
+from transformers import logging as transformers_logging
 
 from fastpeft.methods.lora.targets import lora_layers
 
@@ -43,6 +44,22 @@ def _minilm():
 
 def minilm():
     return copy.deepcopy(_minilm())
+
+
+@functools.cache
+def _minilm_classifier(num_labels: int):
+    torch.manual_seed(0)  # the new head's init
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # no load report about the new, untrained head
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=num_labels).eval()
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def minilm_classifier(num_labels: int = 2):
+    """MiniLM with a new sequence classification head (the same head every call), a fresh copy per call."""
+    return copy.deepcopy(_minilm_classifier(num_labels))
 
 
 @functools.cache

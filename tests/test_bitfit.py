@@ -1,35 +1,16 @@
 """BitFit on MiniLM with a classifier head: only biases (and the head's copy) train, no weight gets a gradient,
 the loss falls, the frozen weights keep their bits, save / load is exact, merge is refused with the reason while
 merge_and_unload keeps the trained biases, and bad options are errors naming the argument."""
-import copy
-import functools
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForSequenceClassification
 
 import fastpeft
 from fastpeft.methods.bitfit import BitFitConfig
 from fastpeft.methods.files import PREFIX
-from tests.model_cases import MINILM_DIR, minilm_batch
+from tests.model_cases import minilm_batch, minilm_classifier
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 from tests.test_method_contract import tiny_llama
-
-
-@functools.cache
-def _classifier():
-    torch.manual_seed(0)
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # no load report about the new, untrained head
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=2).eval()
-    finally:
-        transformers.logging.set_verbosity(level)
-
-
-def classifier():
-    return copy.deepcopy(_classifier())
 
 
 BATCH = {**minilm_batch(), "labels": torch.tensor([0, 1])}
@@ -53,7 +34,7 @@ def train_steps(model, steps: int = 6, lr: float = 1e-2) -> list[float]:
 
 
 def test_only_biases_and_the_head_get_gradients_and_the_loss_falls():
-    model = bitfit(classifier())
+    model = bitfit(minilm_classifier())
     frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
     model(**BATCH).loss.backward()
     grads = {k: p.grad for k, p in model.named_parameters()}
@@ -65,11 +46,11 @@ def test_only_biases_and_the_head_get_gradients_and_the_loss_falls():
     assert losses[-1] < 0.5 * losses[0]
     after = dict(model.named_parameters())
     assert all(torch.equal(after[k], v) for k, v in frozen.items())  # every weight, and the original head
-    assert not any(torch.equal(after[k], _classifier().get_parameter(k)) for k in biases[:5])
+    assert not any(torch.equal(after[k], minilm_classifier().get_parameter(k)) for k in biases[:5])
 
 
 def test_bias_pattern_trains_only_the_matching_biases_and_leaves_room_for_lora():
-    model = bitfit(classifier(), bias_pattern=r"intermediate|output\.dense")
+    model = bitfit(minilm_classifier(), bias_pattern=r"intermediate|output\.dense")
     trainable = [k for k, p in model.named_parameters() if p.requires_grad and "classifier" not in k]
     assert trainable and all(k.endswith("bias") and ("intermediate" in k or "output.dense" in k) for k in trainable)
     fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_modules=["query"]), adapter_name="lora")
@@ -78,7 +59,7 @@ def test_bias_pattern_trains_only_the_matching_biases_and_leaves_room_for_lora()
 
 
 def test_save_writes_only_the_trained_biases_and_load_is_exact(tmp_path):
-    model = bitfit(classifier())
+    model = bitfit(minilm_classifier())
     train_steps(model, steps=2)
     model.eval()
     fastpeft.save_adapter(model, tmp_path)
@@ -86,15 +67,15 @@ def test_save_writes_only_the_trained_biases_and_load_is_exact(tmp_path):
     trained = {PREFIX + k for k, p in model.named_parameters() if p.requires_grad}
     assert set(saved.tensors) == {k.replace("modules_to_save.default.", "") for k in trained}
     assert saved.config["method"] == "bitfit"
-    fresh = fastpeft.load_adapter(classifier(), tmp_path)
+    fresh = fastpeft.load_adapter(minilm_classifier(), tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(**minilm_batch()).logits, model(**minilm_batch()).logits)
 
 
 def test_disable_and_delete_restore_the_initial_biases():
-    model = bitfit(classifier())
+    model = bitfit(minilm_classifier())
     with torch.no_grad():
-        plain = _classifier()(**minilm_batch()).logits
+        plain = minilm_classifier()(**minilm_batch()).logits
     train_steps(model, steps=2)
     model.eval()
     with torch.no_grad():
@@ -103,12 +84,12 @@ def test_disable_and_delete_restore_the_initial_biases():
             assert torch.equal(model(**minilm_batch()).logits, plain)
         assert torch.equal(model(**minilm_batch()).logits, trained)
     fastpeft.delete_adapter(model, "default")
-    state = _classifier().state_dict()
+    state = minilm_classifier().state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_merge_is_refused_and_merge_and_unload_keeps_the_trained_biases():
-    model = bitfit(classifier())
+    model = bitfit(minilm_classifier())
     train_steps(model, steps=2)
     model.eval()
     with torch.no_grad():
@@ -146,7 +127,7 @@ def test_bad_options_are_errors_naming_the_argument(kwargs, error, message):
 
 
 def test_a_pattern_that_finds_no_bias_lists_the_biases():
-    model = classifier()
+    model = minilm_classifier()
     with pytest.raises(ValueError, match=r"bias_pattern='nothing' finds no bias of BertForSequenceClassification; "
                                          r"its biases are e.g. \['bert.embeddings.LayerNorm.bias'"):
         bitfit(model, bias_pattern="nothing")

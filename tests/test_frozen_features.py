@@ -2,37 +2,21 @@
 even in a training step, so autograd saves next to nothing and no encoder parameter gets a gradient; the head
 learns; the opt-in cache runs the encoder once per repeated batch; save / load covers the head alone; merge is
 refused with the reason; bad options are errors naming the argument."""
-import copy
-import functools
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForSequenceClassification
 
 import fastpeft
 from fastpeft.methods.files import PREFIX, read_adapter
 from fastpeft.methods.frozen_features import FrozenFeaturesConfig
 from fastpeft.methods.frozen_features.frozen import FrozenFeatures, frozen_layers
 from fastpeft.training import saved_activation_bytes
-from tests.model_cases import MINILM_DIR, minilm, minilm_batch
+from tests.model_cases import minilm, minilm_batch, minilm_classifier
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 
 
-@functools.cache
-def _classifier():
-    torch.manual_seed(0)
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # no load report about the new, untrained head
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=2).eval()
-    finally:
-        transformers.logging.set_verbosity(level)
-
-
 def classifier(**kwargs):
-    return fastpeft.inject(copy.deepcopy(_classifier()), FrozenFeaturesConfig(modules_to_save=["classifier"],
-                                                                              **kwargs))
+    return fastpeft.inject(minilm_classifier(), FrozenFeaturesConfig(modules_to_save=["classifier"], **kwargs))
 
 
 BATCH = {**minilm_batch(), "labels": torch.tensor([0, 1])}
@@ -69,7 +53,7 @@ def test_autograd_keeps_only_the_head_input():
     keeps megabytes)."""
     frozen_bytes = saved_activation_bytes(classifier(), BATCH)
     assert frozen_bytes < 2 * 384 * 4 + 64
-    assert saved_activation_bytes(copy.deepcopy(_classifier()), BATCH) > 1000 * frozen_bytes
+    assert saved_activation_bytes(minilm_classifier(), BATCH) > 1000 * frozen_bytes
 
 
 def test_a_head_below_a_frozen_part_still_gets_its_gradient():
@@ -109,7 +93,7 @@ def test_save_writes_the_head_alone_and_load_is_exact(tmp_path):
     saved = read_adapter(tmp_path)
     assert set(saved.tensors) == {PREFIX + "classifier.weight", PREFIX + "classifier.bias"}
     assert saved.config["modules_to_save"] == ["classifier"] and saved.config["cache_size"] == 0
-    fresh = fastpeft.load_adapter(copy.deepcopy(_classifier()), tmp_path)
+    fresh = fastpeft.load_adapter(minilm_classifier(), tmp_path)
     assert torch.equal(logits(fresh), logits(model))
 
 
@@ -119,14 +103,14 @@ def test_disable_and_delete_give_the_plain_model_back():
         model.classifier.modules_to_save["default"].weight.add_(0.5)
     trained = logits(model)
     with fastpeft.disable_adapters(model):
-        assert torch.equal(logits(model), logits(_classifier()))
+        assert torch.equal(logits(model), logits(minilm_classifier()))
         model.train()
         assert model.bert.base_layer.training  # disabled: the plain model, dropout and all
     model.eval()
     assert torch.equal(logits(model), trained)
     fastpeft.delete_adapter(model, "default")
     assert not any(isinstance(m, FrozenFeatures) for m in model.modules())
-    assert [n for n, _ in model.named_modules()] == [n for n, _ in _classifier().named_modules()]
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in minilm_classifier().named_modules()]
 
 
 def test_merge_is_refused_and_merge_and_unload_puts_the_trained_head_in_place():

@@ -4,7 +4,6 @@ on a tiny GPT-2 and Llama (CAUSAL_LM); MiniLM (BERT), where peft 0.21 refuses pr
 only on 5.17, with its positions given, and otherwise our own save / load round trip, bit for bit, and the padding
 mask against the sentences run alone; generation; the MLP reparameterisation; and clear errors for bad options."""
 import copy
-import functools
 import inspect
 import json
 
@@ -13,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
-from transformers import logging as transformers_logging
 
 import fastpeft
 from fastpeft.methods.prefix_tuning import PrefixTuningConfig
-from tests.model_cases import MINILM_DIR, assert_unchanged, minilm_batch, snapshot
+from tests.model_cases import assert_unchanged, minilm_batch, minilm_classifier, snapshot
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 from tests.test_method_contract import tiny_bert
 
@@ -38,17 +36,6 @@ def tiny_llama_lm() -> LlamaForCausalLM:  # grouped-query attention: 4 heads, 2 
     return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=100,
                                         max_position_embeddings=64)).eval()
-
-
-@functools.cache
-def _minilm_classifier():
-    transformers_logging.set_verbosity_error()  # no report about the new, untrained head
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=3).eval()
-
-
-def minilm_classifier():
-    return copy.deepcopy(_minilm_classifier())
 
 
 def lm_batch() -> dict:
@@ -162,8 +149,8 @@ def test_peft_on_minilm_refuses_or_agrees_with_ours():
     PEFT's outputs there are ours, once the tokens are numbered as PEFT's run numbers them: after its cache, from
     num_virtual_tokens on (BertEmbeddings counts from the cache's length). We leave BERT's positions alone (the
     prefix only joins the attention), on both versions; the MiniLM tests below therefore check ours on their own."""
-    ours = moved(fastpeft.inject(minilm_classifier(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)))
-    base = minilm_classifier()
+    ours = moved(fastpeft.inject(minilm_classifier(3), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)))
+    base = minilm_classifier(3)
     theirs = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
     batch = minilm_batch()
     if "past_key_values" not in inspect.signature(base.bert.forward).parameters:  # transformers 5.25
@@ -185,7 +172,7 @@ def test_peft_on_minilm_refuses_or_agrees_with_ours():
 
 
 def test_minilm_trains_and_round_trips_bit_exactly(tmp_path):
-    model = fastpeft.inject(minilm_classifier(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N,
+    model = fastpeft.inject(minilm_classifier(3), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N,
                                                                     prefix_projection=True, encoder_hidden_size=32))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "prefix_tuning" not in k
               and "modules_to_save" not in k}
@@ -214,7 +201,7 @@ def test_minilm_trains_and_round_trips_bit_exactly(tmp_path):
     with torch.no_grad():  # the file holds the MLP's output, the plain prefixes
         assert torch.equal(load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"],
                            model.prefix_tuning.encoders["default"]())
-    fresh = fastpeft.load_adapter(minilm_classifier(), tmp_path)
+    fresh = fastpeft.load_adapter(minilm_classifier(3), tmp_path)
     assert torch.equal(outputs(fresh, batch).logits, outputs(model, batch).logits)
 
 
@@ -222,7 +209,7 @@ def test_minilm_trains_and_round_trips_bit_exactly(tmp_path):
 def test_minilm_padding_is_masked_and_prefixes_are_not(attention):
     """Each sentence run alone gives what it gives in a padded batch (the prefix columns attend, padding does not),
     with either attention implementation (additive / boolean masks)."""
-    model = moved(fastpeft.inject(minilm_classifier(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)))
+    model = moved(fastpeft.inject(minilm_classifier(3), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)))
     model.set_attn_implementation(attention)
     batch = minilm_batch()
     together = outputs(model, batch).logits

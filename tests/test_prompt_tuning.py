@@ -2,7 +2,6 @@
 on MiniLM (SEQ_CLS) and a tiny GPT-2 (CAUSAL_LM), PEFT's TEXT init, generation with the prompt kept in front, no loss
 at virtual positions, training on MiniLM, the hook's life cycle, and clear errors for bad options."""
 import copy
-import functools
 import json
 import pickle
 
@@ -10,29 +9,17 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers import logging as transformers_logging
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import fastpeft
 from fastpeft import methods
 from fastpeft.methods.prompt_tuning import PromptTuningConfig
-from tests.model_cases import MINILM_DIR, assert_unchanged, minilm_batch, snapshot
+from tests.model_cases import MINILM_DIR, assert_unchanged, minilm_batch, minilm_classifier, snapshot
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 from tests.test_method_contract import INPUT, tiny_bert
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 N = 5  # virtual tokens
-
-
-@functools.cache
-def _minilm_classifier():
-    transformers_logging.set_verbosity_error()  # no report about the new, untrained head
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=3).eval()
-
-
-def minilm_classifier():
-    return copy.deepcopy(_minilm_classifier())
 
 
 def tiny_gpt2_lm() -> GPT2LMHeadModel:
@@ -53,7 +40,8 @@ def lm_batch() -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-MODELS = {"minilm": (minilm_classifier, lambda: {**minilm_batch(), "labels": torch.tensor([0, 2])}, "SEQ_CLS"),
+MODELS = {"minilm": (lambda: minilm_classifier(3), lambda: {**minilm_batch(), "labels": torch.tensor([0, 2])},
+                     "SEQ_CLS"),
           "gpt2": (tiny_gpt2_lm, lm_batch, "CAUSAL_LM")}
 
 
@@ -98,10 +86,10 @@ def test_peft_loads_our_files_with_our_outputs(tmp_path, kind):
 def test_config_dict_is_what_peft_writes():
     kwargs = dict(task_type="SEQ_CLS", num_virtual_tokens=N, prompt_tuning_init="TEXT",
                   prompt_tuning_init_text="classify this", tokenizer_name_or_path=MINILM_DIR)
-    theirs = peft.get_peft_model(minilm_classifier(), peft.PromptTuningConfig(**kwargs)).peft_config["default"]
+    theirs = peft.get_peft_model(minilm_classifier(3), peft.PromptTuningConfig(**kwargs)).peft_config["default"]
     heads = sorted(set(theirs.modules_to_save))  # PEFT lists each head twice
     theirs = {**theirs.to_dict(), "inference_mode": True, "modules_to_save": heads}
-    ours = fastpeft.adapter_config(fastpeft.inject(minilm_classifier(), PromptTuningConfig(**kwargs)), "default")
+    ours = fastpeft.adapter_config(fastpeft.inject(minilm_classifier(3), PromptTuningConfig(**kwargs)), "default")
     assert ours.to_peft_dict() == theirs  # with the sizes and base model filled from the model, as PEFT fills them
     assert PromptTuningConfig.from_peft_dict(theirs) == ours
 
@@ -109,8 +97,8 @@ def test_config_dict_is_what_peft_writes():
 def test_text_init_is_peft_s():
     kwargs = dict(task_type="SEQ_CLS", num_virtual_tokens=9, prompt_tuning_init="TEXT",  # 9 > the text's 5 tokens
                   prompt_tuning_init_text="classify this", tokenizer_name_or_path=MINILM_DIR)
-    theirs = peft.get_peft_model(minilm_classifier(), peft.PromptTuningConfig(**kwargs))
-    ours = fastpeft.inject(minilm_classifier(), PromptTuningConfig(**kwargs))
+    theirs = peft.get_peft_model(minilm_classifier(3), peft.PromptTuningConfig(**kwargs))
+    ours = fastpeft.inject(minilm_classifier(3), PromptTuningConfig(**kwargs))
     assert torch.equal(ours.bert.embeddings.word_embeddings.prompts["default"],
                        theirs.prompt_encoder["default"].embedding.weight)
 
@@ -149,7 +137,7 @@ def test_no_loss_at_virtual_positions():
 
 # --- training and the model's life cycle ----------------------------------------------------------------------------
 def test_training_on_minilm_lowers_the_loss_and_touches_only_prompt_and_head():
-    model = fastpeft.inject(minilm_classifier(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N,
+    model = fastpeft.inject(minilm_classifier(3), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N,
                                                                     prompt_tuning_init="SAMPLE_VOCAB"))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "prompts" not in k and "modules_to_save" not in k}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
