@@ -10,6 +10,7 @@
                    are checked by reloading
 """
 import argparse
+import importlib
 from pathlib import Path
 
 import transformers
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="LoRA-fine-tune a local model on a local labelled .csv / .jsonl file",
                                 formatter_class=defaults)
     train.add_argument("--model", type=Path, required=True, help="local Hugging Face model directory")
-    train.add_argument("--data", type=Path, required=True, help="training data, .csv (with a header) or .jsonl")
+    train.add_argument("--data", type=Path, help="training data, .csv (with a header) or .jsonl (required, except "
+                                                 "with --method multitask, which takes --task)")
     train.add_argument("--test-data", type=Path, help="test data (default: a stratified --test-fraction of --data)")
     train.add_argument("--test-fraction", type=float, default=0.2, help="held out when there is no --test-data")
     train.add_argument("--text-column", default="text", help="column (or JSON key) of the text")
@@ -97,20 +99,31 @@ def add_method_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """The parsed command line, with `args.options` holding the chosen method's flags (defaults filled in). A flag
-    given with a --method that does not take it is an argparse error."""
+    """The parsed command line, with `args.options` holding the chosen method's flags (defaults filled in) and
+    `args.encoder_options` those of its --encoder-method, where it takes one. A flag given with a --method that does
+    not take it is an argparse error."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    args.options = {}
+    args.options, args.encoder_options = {}, {}
     if args.command == "compare":  # every method at its demo defaults: no method flags
         return args
-    for flag, (_, defaults) in method_flags(args.command).items():
-        dest = flag[2:].replace("-", "_")
-        if hasattr(args, dest) and args.method not in defaults:
+    flags = method_flags(args.command)
+    args.options = _method_options(args, flags, args.method)
+    encoder = args.options.get("encoder_method", "none")
+    if encoder != "none":
+        if encoder not in methods.names() or encoder == args.method:
+            parser.error(f"--encoder-method must be another of {methods.names()} or none, got {encoder!r}")
+        args.encoder_options = _method_options(args, flags, encoder)
+    for flag, (_, defaults) in flags.items():
+        if hasattr(args, flag[2:].replace("-", "_")) and not {args.method, encoder} & set(defaults):
             parser.error(f"{flag} does not apply to --method {args.method} (only to --method {' / '.join(defaults)})")
-        if args.method in defaults:
-            args.options[dest] = getattr(args, dest, defaults[args.method])
     return args
+
+
+def _method_options(args, flags: dict, method: str) -> dict:
+    """The flags `method` takes: the given values, else the method's defaults."""
+    return {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"), defaults[method])
+            for flag, (_, defaults) in flags.items() if method in defaults}
 
 
 def train_config(args, parser: argparse.ArgumentParser) -> demo.RunConfig:
@@ -124,6 +137,33 @@ def train_config(args, parser: argparse.ArgumentParser) -> demo.RunConfig:
     return demo.RunConfig(args.model, args.output_dir, config, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, device=args.device,
                           require_improvement=False, options=args.options)
+
+
+def run_train(args, parser: argparse.ArgumentParser) -> list[str]:
+    """`fastpeft train`: the method's own run where it has one (e.g. several tasks' data), else the classifier run
+    on --data; bad input found before training is a usage error."""
+    run = methods.named(args.method).cli_run
+    takes_tasks = "task" in args.options
+    if takes_tasks and (args.data or args.test_data or not args.options["task"]):
+        parser.error(f"--method {args.method} takes its data as --task NAME[:KIND]=PATH (one per task), not --data")
+    if not takes_tasks and args.data is None:
+        parser.error("the following arguments are required: --data")
+    if run:  # the method's own run: it raises SetupError for bad input, before any training
+        module, function = run.split(":")
+        try:
+            return getattr(importlib.import_module(module), function)(args)
+        except demo.SetupError as e:
+            parser.error(str(e))
+    cfg = train_config(args, parser)
+    try:
+        train, test = load_splits(args.data, args.test_data, args.text_column, args.label_column,
+                                  args.test_fraction, args.seed)
+    except ValueError as e:  # DatasetError, or a --test-fraction outside (0, 1)
+        parser.error(str(e))
+    try:
+        return demo.run(cfg, train, test)
+    except demo.SetupError as e:  # e.g. --target-modules or --method that do not fit --model
+        parser.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,16 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = demo.run_demo(epochs=args.epochs, output_dir=args.output_dir, seed=args.seed, device=args.device,
                                  method=args.method, options=args.options)
     else:
-        cfg = train_config(args, parser)
-        try:
-            train, test = load_splits(args.data, args.test_data, args.text_column, args.label_column,
-                                      args.test_fraction, args.seed)
-        except ValueError as e:  # DatasetError, or a --test-fraction outside (0, 1)
-            parser.error(str(e))
-        try:
-            failures = demo.run(cfg, train, test)
-        except demo.SetupError as e:  # e.g. --target-modules or --method that do not fit --model
-            parser.error(str(e))
+        failures = run_train(args, parser)
     if failures:
         raise SystemExit(1)
     return 0

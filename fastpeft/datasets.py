@@ -31,7 +31,7 @@ class LabelledText:
         return LabelledText([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
 
-def _csv_rows(path: Path):
+def csv_rows(path: Path):
     """(line number, row dict) per data row, and the header's column names."""
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of a name
         reader = csv.DictReader(f)
@@ -39,7 +39,7 @@ def _csv_rows(path: Path):
         return [(reader.line_num, row) for row in reader], columns
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path):
     rows = []
     with path.open(encoding="utf-8-sig") as f:
         for line_num, line in enumerate(f, 1):
@@ -77,7 +77,7 @@ def read_rows(path, text_column: str = "text", label_column: str = "label") -> t
         raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; expected one of {FORMATS}")
     if not path.is_file():
         raise DatasetError(f"data file not found: {path}")
-    rows, columns = (_csv_rows if path.suffix == ".csv" else _jsonl_rows)(path)
+    rows, columns = (csv_rows if path.suffix == ".csv" else jsonl_rows)(path)
     if not rows:
         raise DatasetError(f"{path}: the file has no data rows")
     texts, labels = [], []

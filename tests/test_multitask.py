@@ -9,7 +9,6 @@ import torch
 from scipy.stats import chisquare
 
 import fastpeft
-from fastpeft.cli import main
 from fastpeft.methods.multitask import (MultiTaskConfig, multitask_forward, sampling_probabilities, task_batches,
                                         task_logits, task_loss, task_weights, uncertainty_loss)
 from fastpeft.methods.multitask.heads import pool
@@ -265,11 +264,3 @@ def test_bad_calls_are_clear_errors():
         task_batches({"a": [1]}, temperature=2.0)
     with pytest.raises(ValueError, match=r"datasets\['b'\] has no batches"):
         task_batches({"a": [1], "b": []})
-
-
-def test_fastpeft_train_with_multitask_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--model", MINILM_DIR, "--data", "unused.csv", "--output-dir", "unused", "--method",
-              "multitask"])
-    assert exit_info.value.code == 2
-    assert "--method multitask needs several tasks' data" in capsys.readouterr().err

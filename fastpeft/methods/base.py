@@ -92,6 +92,10 @@ class Method:
     cli_options: dict[str, dict] = {}  # `fastpeft train` flags: flag -> argparse keywords (type, default, help)
     demo_options: dict[str, object] = {}  # those of cli_options that `fastpeft demo` takes, with its defaults
     demo_lr = 3e-3  # the demo's peak learning rate (prompt tuning needs a far larger one than weight adapters)
+    # "module:function" of the run `fastpeft train` makes instead of its single-classifier run, for a method whose
+    # run needs other data or set-up (several tasks' files; a vocabulary extended first). Named, not imported: runs
+    # sit above the methods. The function takes the parsed arguments and returns the failed checks.
+    cli_run = ""
 
     def cli_config(self, options: dict, modules_to_save: list[str], demo: bool):
         """The config a run uses, from the values of cli_options (`demo`: the packaged MiniLM's run)."""

@@ -10,6 +10,9 @@ SEQ_CLS_HEADS = ("classifier", "score")  # the head of transformers' *ForSequenc
 # The command line's --num-virtual-tokens, one flag for the methods that take it (prompt and prefix tuning).
 NUM_VIRTUAL_TOKENS_OPTION = dict(default=20, help="learned virtual tokens: in front of the input (prompt tuning), of "
                                                   "every attention layer's keys and values (prefix tuning)")
+# --encoder-method, one flag for the runs that adapt the encoder with a second method beside their own.
+ENCODER_METHOD_OPTION = dict(default="lora", help="the method that also adapts the encoder, with its own flags and "
+                                                  "their defaults (none: the encoder stays frozen)")
 
 
 def check_pattern(name: str, key) -> None:

@@ -1,5 +1,6 @@
 """Running a task: the encoder (with whatever adapters it carries) once, then the task's head on its last hidden
 states."""
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ def multitask_forward(model: nn.Module, batch: dict, task: str) -> TaskOutput:
     `task`'s head; with labels, also the task's loss (fastpeft.methods.multitask.loss.task_loss)."""
     heads = heads_of(model)
     heads.check_task(task)
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
         raise TypeError(f"batch must be a dict of model inputs (and 'labels'), got {type(batch).__name__}")
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     hidden = getattr(model(**inputs), "last_hidden_state", None)

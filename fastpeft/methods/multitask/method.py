@@ -7,11 +7,15 @@ with keys `base_model.model.multitask_heads.heads.<task>.linear.{weight,bias}` a
 import torch
 from torch import nn
 
+from fastpeft.arguments import positive_float
 from fastpeft.methods.base import Method
+from fastpeft.methods.config import ENCODER_METHOD_OPTION
 from fastpeft.methods.files import PREFIX, Entry, check_tensors
-from fastpeft.methods.multitask.config import MultiTaskConfig
+from fastpeft.methods.multitask.config import KINDS, POOLINGS, MultiTaskConfig
 from fastpeft.methods.multitask.find import PATH
 from fastpeft.methods.multitask.heads import MultiTaskHeads
+from fastpeft.methods.multitask.sampling import STRATEGIES
+from fastpeft.methods.multitask.task_option import task_spec
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -25,10 +29,21 @@ class MultiTaskMethod(Method):
                     "task, and learned loss weights, not a change of any encoder weight. Keep them with save_adapter "
                     "/ load_adapter; merge_and_unload leaves them in the model as a plain module")
 
+    cli_options = {
+        "--task": dict(type=task_spec, action="append", default=None, metavar="NAME[:KIND]=PATH",
+                       help=f"one task and its .csv / .jsonl data, repeated per task; KIND one of {KINDS} "
+                            "(token_classification: .jsonl rows of word and tag lists)"),
+        "--encoder-method": ENCODER_METHOD_OPTION,
+        "--sampling": dict(choices=STRATEGIES, default="proportional", help="how each step's task is drawn"),
+        "--temperature": dict(type=positive_float, default=2.0, help="the temperature of --sampling temperature"),
+        "--pooling": dict(choices=POOLINGS, default="mean", help="how the sequence-level heads pool the tokens"),
+        "--head-dropout": dict(type=float, default=0.1, help="dropout before each task head"),
+    }
+    cli_run = "fastpeft.multitask_run:run"
+
     def cli_config(self, options: dict, modules_to_save: list[str], demo: bool):
-        raise ValueError("--method multitask needs several tasks' data, which the command line's runs (one labelled "
-                         "file, one classifier) do not take: use the Python API (fastpeft.methods.multitask: "
-                         "MultiTaskConfig, multitask_forward, uncertainty_loss, task_batches)")
+        raise ValueError("--method multitask trains on several tasks' data: `fastpeft train --method multitask "
+                         "--task NAME[:KIND]=PATH ...` (the demo's one labelled data set has one task)")
 
     def describe(self, config: MultiTaskConfig) -> str:
         tasks = ", ".join(f"{task} ({spec['kind']}, {spec['num_labels']})" for task, spec in config.tasks.items())

@@ -4,9 +4,13 @@ bit for bit. Files in PEFT's TRAINABLE_TOKENS format: adapter_config.json (peft_
 token_indices, target_modules, init_weights) and adapter_model.safetensors holding
 `base_model.model.<path>.trainable_tokens_delta` ([rows, dim], the rows' values) for the embedding and for each tied
 output layer (the same values), as peft's save_pretrained writes them."""
+from pathlib import Path
+
 from torch import nn
 
+from fastpeft.arguments import positive_int
 from fastpeft.methods.base import Method
+from fastpeft.methods.config import ENCODER_METHOD_OPTION
 from fastpeft.methods.files import PREFIX, Entry, check_tensors
 from fastpeft.methods.switches import switch_off
 from fastpeft.methods.trainable_tokens.build import (
@@ -28,10 +32,19 @@ class TrainableTokensMethod(Method):
     config_type = TrainableTokensConfig
     peft_type = PEFT_TYPE
 
+    cli_options = {
+        "--corpus": dict(type=Path, default=None, help="domain text (one sentence a line) whose frequent words "
+                                                       "become new tokens (default: the training texts)"),
+        "--min-freq": dict(type=positive_int, default=3, help="times a word must occur to become a token"),
+        "--max-new": dict(type=positive_int, default=100, help="new tokens at most (the most frequent words)"),
+        "--encoder-method": ENCODER_METHOD_OPTION,
+    }
+    cli_run = "fastpeft.domain.classify:run"
+
     def cli_config(self, options: dict, modules_to_save: list[str], demo: bool):
-        raise ValueError("trainable tokens train chosen rows of the word embeddings (e.g. the new tokens of an "
-                         "extended vocabulary) and need their ids: use fastpeft.domain.extend_vocabulary and "
-                         "TrainableTokensConfig(token_indices=...) from Python, beside LoRA")
+        raise ValueError("trainable tokens train the rows of new tokens, which come from extending the vocabulary "
+                         "with a domain's words: `fastpeft train --method trainable_tokens` does that on your data "
+                         "(the demo does not)")
 
     def describe(self, config: TrainableTokensConfig) -> str:
         return f"trainable tokens: {len(config.token_indices)} rows of {config.target_modules or 'the embeddings'}"
