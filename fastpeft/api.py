@@ -7,7 +7,7 @@ import os
 from torch import nn
 
 from fastpeft import methods
-from fastpeft.methods import files, saved_modules
+from fastpeft.methods import distributed, files, saved_modules
 from fastpeft.methods.base import Method
 from fastpeft.methods.record import Entry, forget, record, stored_record
 
@@ -25,12 +25,18 @@ def inject(model: nn.Module, config, adapter_name: str = "default", autocast_ada
     return model
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 is_main_process: bool | None = None) -> None:
     """Write adapter `adapter_name` to `directory` (adapter_config.json + adapter_model.safetensors; LoRA in PEFT's
-    format), replacing an adapter saved there as one step."""
+    format), replacing an adapter saved there as one step. Only the main process writes (`is_main_process`, by
+    default: rank 0 of torch.distributed, or the only process). Weights sharded by FSDP2 are gathered whole first, a
+    collective: call it on every rank then (rank 0 may call it alone where nothing is sharded, e.g. under DDP)."""
     entry = record(model).entry(adapter_name)
     config, tensors, metadata = methods.named(entry.method).state(model, adapter_name, entry.config)
-    files.write_adapter(directory, config, tensors, metadata)
+    writes = distributed.is_main_process() if is_main_process is None else is_main_process
+    tensors = distributed.gathered(tensors, keep=writes)
+    if writes:
+        files.write_adapter(directory, config, tensors, metadata)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
@@ -195,7 +201,8 @@ def _check_new(model: nn.Module, method: Method, name: str) -> None:
                          "the adapters by name: choose another")
     rec = record(model)
     if name in rec.adapters:
-        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
+        raise ValueError(f"adapter_name {name!r} is taken: the model already has an adapter named {name!r}; "
+                         "delete_adapter it or pick another name")
     if method.one_per_model and rec.names(method.name):
         raise ValueError(f"the model already has {method.label} adapter {rec.names(method.name)[0]!r}; a model holds "
                          "one (delete_adapter it to use another)")

@@ -10,11 +10,13 @@ forward's mask from `(seed, offset)` and nothing of size `[M, K]` is saved; test
 against a reference that uses this very mask.
 """
 import torch
+import torch.distributed as dist
 
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9
 MIX_C1 = 0x85EBCA6B
 MIX_C2 = 0xC2B2AE35
+SEED31 = 0x7FFFFFFF  # drawn seeds are 31-bit
 
 
 def keep_threshold(p: float) -> int:
@@ -25,10 +27,23 @@ def keep_threshold(p: float) -> int:
 def seed_tensor(seed: int | None, p: float) -> torch.Tensor:
     """The seed that the kernels take, a 0-d int64 CPU tensor: `seed`, or when None (and p > 0) a fresh 31-bit one
     from torch's CPU generator, so `torch.manual_seed` governs it. A tensor, not an int: under torch.compile the
-    draw is then an op of the graph, made anew on every call, not an `.item()` that splits the graph."""
+    draw is then an op of the graph, made anew on every call, not an `.item()` that splits the graph.
+    Under torch.distributed a drawn seed is scrambled with the rank (rank 0 keeps it): data-parallel ranks seeded
+    alike (as Trainer and accelerate seed them) hold different rows of the global batch, whose masks must be
+    independent, as two rows of one process's batch are, while the generator itself stays in step on every rank."""
     if seed is None:
-        return torch.randint(0, 2**31 - 1, (), device="cpu") if p > 0.0 else _NO_SEED
+        if p <= 0.0:
+            return _NO_SEED
+        drawn, key = torch.randint(0, 2**31 - 1, (), device="cpu"), _rank_key()
+        return _mix32(drawn ^ key) & SEED31 if key else drawn
     return torch.tensor(int(seed), dtype=torch.int64, device="cpu")
+
+
+def _rank_key() -> int:
+    """0 in one process and on rank 0; on rank r, a fixed 31-bit scramble of r (mix32 maps only 0 to 0)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return _mix32(dist.get_rank()) & SEED31
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed of calls without dropout: no tensor made per call
