@@ -28,6 +28,12 @@ class AdapterCase:
     h_trainable: bool
     scaling: float
     seed: int
+    frozen: tuple = ()  # of "w_down", "b_down", "w_up", "b_up": adapter weights that need no gradient
+
+
+# Frozen adapter weights: the up or the down projection alone trains (one weight always does, so that something
+# needs a gradient where h does not).
+FROZEN = [(), (), ("w_down", "b_down"), ("w_up", "b_up"), ("w_down", "b_down", "b_up")]
 
 
 def on_relu_grid(case) -> bool:
@@ -55,6 +61,7 @@ def adapter_cases(draw, max_rows=40, max_d=48, max_m=64, dtypes=tuple(DTYPES)):
         h_trainable=draw(st.sampled_from([True, True, False])),
         scaling=draw(st.floats(0.25, 4.0)),
         seed=draw(st.integers(0, 2**31 - 2)),
+        frozen=draw(st.sampled_from(FROZEN)),
     )
     if on_relu_grid(case) and case.dropout_p not in (0.0, 0.5):
         case.dropout_p = 0.5  # 1/(1-p) = 2 is exact
@@ -82,7 +89,7 @@ def make_inputs(case: AdapterCase, device="cpu"):
 def _leaves(tensors, case: AdapterCase, dtype):
     h, *rest = (None if t is None else t.detach() for t in tensors)
     leaves = [with_layout(h, case.layout, dtype)] + [None if t is None else t.to(dtype).clone() for t in rest]
-    trainable = (case.h_trainable, True, True, True, True, True)
+    trainable = (case.h_trainable, *(name not in case.frozen for name in ("w_down", "b_down", "w_up", "b_up")), True)
     return [None if t is None else t.requires_grad_(want) for t, want in zip(leaves, trainable)]
 
 

@@ -26,16 +26,21 @@ class LoraCase:
     weight_trainable: bool
     scaling: float
     seed: int
+    frozen: tuple = ()  # of "x", "lora_a", "lora_b": need no gradient (x: a model's first layer; A or B alone trains)
+
+
+# What may need no gradient: never both factors, or nothing but the frozen base would be left to train.
+FROZEN = [(), (), ("x",), ("lora_a",), ("lora_b",), ("x", "lora_a"), ("x", "lora_b")]
 
 
 @st.composite
-def lora_cases(draw, max_m=40, max_kn=48, max_r=64, dtypes=tuple(DTYPES)):
+def lora_cases(draw, max_m=40, max_kn=48, min_r=1, max_r=64, dtypes=tuple(DTYPES)):
     return LoraCase(
         lead=draw(st.sampled_from([(), (), (1,), (2,), (2, 3)])),
         m=draw(st.integers(1, max_m)),
         k=draw(st.integers(1, max_kn)),
         n=draw(st.integers(1, max_kn)),
-        r=draw(st.integers(1, max_r)),
+        r=draw(st.integers(min_r, max_r)),
         dtype=draw(st.sampled_from(dtypes)),
         bias=draw(st.booleans()),
         dropout_p=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])),
@@ -44,6 +49,7 @@ def lora_cases(draw, max_m=40, max_kn=48, max_r=64, dtypes=tuple(DTYPES)):
         weight_trainable=draw(st.booleans()),
         scaling=draw(st.floats(0.25, 4.0)),
         seed=draw(st.integers(0, 2**31 - 2)),
+        frozen=draw(st.sampled_from(FROZEN)),
     )
 
 
@@ -66,7 +72,8 @@ def _leaves(tensors, case: LoraCase, dtype):
     x = with_layout(x, case.layout, dtype)
     weight = with_layout(weight, "transposed" if case.weight_transposed else "contiguous", dtype)
     leaves = [x, weight, None if bias is None else bias.to(dtype), lora_a.to(dtype), lora_b.to(dtype)]
-    trainable = (True, case.weight_trainable, case.weight_trainable, True, True)
+    trainable = ("x" not in case.frozen, case.weight_trainable, case.weight_trainable, "lora_a" not in case.frozen,
+                 "lora_b" not in case.frozen)
     return [None if t is None else t.requires_grad_(want) for t, want in zip(leaves, trainable)]
 
 

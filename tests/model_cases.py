@@ -81,9 +81,22 @@ def randomize_adapter(model, name: str = "default", seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+@torch.no_grad()
+def liven(model, std: float = 0.02, seed: int = 0) -> None:
+    """Give every trainable parameter that is all zeros (LoRA's B, a zero-up adapter's up-projection, diff pruning's
+    diff or kept values, zero biases) small random values, so the adapter changes the output and every gradient is
+    non-zero: a test then compares them all, not zeros."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad and not p.any():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def snapshot(model) -> dict:
-    """Every state-dict tensor, cloned, plus the module tree, to check that an error left the model unchanged."""
+    """Every state-dict tensor and buffer (non-persistent ones too), cloned, plus the module tree, to check that an
+    error left the model unchanged."""
     return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "buffers": {k: v.clone() for k, v in model.named_buffers()},
             "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
             "grad": {n: p.requires_grad for n, p in model.named_parameters()}}
 
@@ -92,6 +105,15 @@ def assert_unchanged(model, before: dict) -> None:
     after = snapshot(model)
     assert after["modules"] == before["modules"]
     assert after["grad"] == before["grad"]
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
+    for part in ("state", "buffers"):
+        assert after[part].keys() == before[part].keys()
+        for k, v in before[part].items():
+            assert same_bits(after[part][k], v), k
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaN payloads and the sign of zero included), which torch.equal is not."""
+    if a.is_meta or b.is_meta:
+        return a.shape == b.shape and a.dtype == b.dtype and a.is_meta == b.is_meta
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))

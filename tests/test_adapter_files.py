@@ -2,9 +2,12 @@
 killed at any step or another writer saves at the same time; bad files and bad paths are clear errors."""
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -37,7 +40,24 @@ def temporaries(parent) -> list[str]:
 
 
 # --- a writer killed at every step ---------------------------------------------------------------------------------
-STEPS = ("rename", "replace", "link", "_exchange", "_fsync")  # what a save does to the file system, in files' names
+def before_each_step(hook, exchange: bool) -> None:
+    """In a forked writer: call `hook()` before each file-system step of a save (a rename, replace, link, exchange,
+    fsync or the final rmtree); without `exchange`, the file-by-file fallback of systems that lack it."""
+    def hooked(fn):
+        def call(*args, **kwargs):
+            hook()
+            return fn(*args, **kwargs)
+        return call
+    for name in ("rename", "replace", "link"):
+        setattr(files.os, name, hooked(getattr(os, name)))  # the fork's own os module: the parent's is apart
+    files._exchange = hooked(files._exchange if exchange else lambda a, b: False)
+    files._fsync = hooked(files._fsync)
+    files.shutil.rmtree = hooked(shutil.rmtree)
+
+
+def killed(pid: int) -> bool:
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 def save_killed_at(step: int, model, directory, exchange: bool) -> bool:
@@ -48,22 +68,53 @@ def save_killed_at(step: int, model, directory, exchange: bool) -> bool:
         try:
             calls = []
 
-            def killing(fn):
-                def call(*args, **kwargs):
-                    calls.append(fn)
-                    if len(calls) == step:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return fn(*args, **kwargs)
-                return call
-            for name in ("rename", "replace", "link"):
-                setattr(files.os, name, killing(getattr(os, name)))  # the fork's own os module: the parent's is apart
-            files._exchange = killing(files._exchange if exchange else lambda a, b: False)
-            files._fsync = killing(files._fsync)
+            def count_and_kill():
+                calls.append(1)
+                if len(calls) == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            before_each_step(count_and_kill, exchange)
             save_adapter(model, directory)
         finally:
             os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    return killed(pid)
+
+
+def slow_writer(model, directory, exchange: bool) -> int:
+    """Fork a writer that saves `model` into `directory`, pausing PAUSE before each file-system step so that random
+    kill times spread over the steps; returns its pid once it starts the save."""
+    ready, go = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer
+        try:
+            before_each_step(lambda: time.sleep(PAUSE), exchange)
+            os.write(go, b"!")
+            save_adapter(model, directory)
+        finally:
+            os._exit(0)
+    os.close(go)
+    os.read(ready, 1)
+    os.close(ready)
+    return pid
+
+
+def save_killed_after(delay: float, model, directory, exchange: bool) -> bool:
+    """A slow writer SIGKILLed `delay` seconds into its save; False when the save finished first."""
+    pid = slow_writer(model, directory, exchange)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)  # a writer that has exited is a zombie until waited for: the kill is harmless
+    return killed(pid)
+
+
+def state_after_kill(directory, want_old, want_new, exchange: bool) -> str:
+    """What a load of `directory` finds: the "old" or the "new" adapter, or ("refused", file-by-file only) the new
+    weights beside the old config; never anything else."""
+    try:
+        out = loaded_output(directory)
+    except ValueError as e:
+        assert not exchange and "a save into this directory was interrupted" in str(e)
+        return "refused"
+    assert torch.equal(out, want_old) or torch.equal(out, want_new), "the directory loads as neither adapter"
+    return "old" if torch.equal(out, want_old) else "new"
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "file-by-file"])
@@ -80,30 +131,66 @@ def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path,
         assert not temporaries(tmp_path), "the save removes what killed writers left"
         if not save_killed_at(step, new, directory, exchange):
             break
-        try:
-            out = loaded_output(directory)
-            state = "old" if torch.equal(out, want_old) else "new" if torch.equal(out, want_new) else "mixed"
-        except ValueError as e:
-            assert not exchange and "a save into this directory was interrupted" in str(e)
-            state = "refused"
-        assert state != "mixed", f"killed at step {step}: the directory loads as neither adapter"
-        seen.add(state)
+        seen.add(state_after_kill(directory, want_old, want_new, exchange))
         step += 1
     assert torch.equal(loaded_output(directory), want_new)
     assert seen == ({"old", "new"} if exchange else {"old", "refused", "new"})
 
 
+PAUSE = 0.004  # seconds a randomly killed writer waits before each file-system step
+KILLS = 24
+
+
+def test_writers_killed_at_random_moments_leave_one_adapter_and_the_next_load_cleans_up(tmp_path):
+    """KILLS writers (either swap) killed while replacing the old adapter, each at a seeded random moment: half at a
+    random time into the save, half before a random file-system step. Every kill leaves the old or the new adapter
+    (or, file by file, the refused torn pair), and the next load removes the temporary directory the writer left."""
+    old, new = lora_model(OLD, seed=1), lora_model(NEW, seed=2)
+    directory = tmp_path / "adapter"
+    want_old, want_new = hidden(old, gpt2_batch()), hidden(new, gpt2_batch())
+    rng = random.Random(0)
+    start = time.perf_counter()
+    for exchange in (True, False):  # how long a slow writer's save takes here, from its start to its exit
+        assert not killed(slow_writer(new, tmp_path / "timed", exchange))
+    span = (time.perf_counter() - start) / 2
+    kills, seen = 0, set()
+    for _ in range(3 * KILLS):
+        if kills == KILLS:
+            break
+        save_adapter(old, directory)
+        exchange = rng.random() < 0.5
+        if rng.random() < 0.5:
+            was_killed = save_killed_after(rng.uniform(0, span), new, directory, exchange)
+        else:
+            was_killed = save_killed_at(rng.randint(1, 7), new, directory, exchange)
+        if was_killed:
+            kills += 1
+            seen.add(state_after_kill(directory, want_old, want_new, exchange))
+            assert not temporaries(tmp_path), "the load removes what the killed writer left"
+    assert kills == KILLS, f"only {kills} writers were killed before they finished"
+    assert seen == {"old", "new", "refused"}
+
+
+def marked(k: int):
+    """A LoRA GPT-2 whose config (alpha k) and weights (B filled with k) tell which save a read came from."""
+    model = inject(tiny_gpt2(), LoraConfig(r=2, lora_alpha=k, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].fill_(k)
+    return model
+
+
+def assert_one_save(directory) -> None:
+    saved = files.read_adapter(directory)
+    b = saved.tensors["base_model.model.h.0.attn.c_attn.lora_B.weight"]
+    assert saved.config["lora_alpha"] == b[0, 0].item(), "a config beside another save's weights"
+
+
 def test_threads_saving_into_one_directory_never_mix(tmp_path):
     """Two writers and a reader: every read pairs a config with its own weights (alpha k with B filled with k)."""
     directory = tmp_path / "adapter"
-    models = {}
-    for k in (1, 2):
-        models[k] = inject(tiny_gpt2(), LoraConfig(r=2, lora_alpha=k, target_modules=["c_attn"]))
-        with torch.no_grad():
-            for _, layer in lora_layers(models[k]):
-                layer.lora_B["default"].fill_(k)
+    models = {k: marked(k) for k in (1, 2)}
     save_adapter(models[1], directory)
-    key = "base_model.model.h.0.attn.c_attn.lora_B.weight"
     errors = []
 
     def write(k):
@@ -118,12 +205,42 @@ def test_threads_saving_into_one_directory_never_mix(tmp_path):
         w.start()
     reads = 0
     while any(w.is_alive() for w in writers) or reads < 20:
-        saved = files.read_adapter(directory)
-        assert saved.config["lora_alpha"] == saved.tensors[key][0, 0].item(), "a config beside another save's weights"
+        assert_one_save(directory)
         reads += 1
     for w in writers:
         w.join()
     assert not errors and not temporaries(tmp_path)
+
+
+def test_two_writer_processes_racing_one_killed_never_mix(tmp_path):
+    """Two writer processes save into one directory over and over while this process reads it; the first, saving
+    until it dies, is SIGKILLed at a seeded random moment of the race. Every read pairs a config with its own weights,
+    and no temporary directory is left once the race is over."""
+    directory = tmp_path / "adapter"
+    save_adapter(marked(1), directory)
+    pids = []
+    for k, saves in ((1, None), (2, 40)):
+        model = marked(k)
+        pid = os.fork()
+        if pid == 0:  # a writer
+            try:
+                for _ in range(saves or 10**9):
+                    save_adapter(model, directory)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    endless, finite = pids
+    kill_at = time.perf_counter() + random.Random(1).uniform(0.05, 0.3)
+    done = 0
+    while not done:
+        assert_one_save(directory)
+        if time.perf_counter() > kill_at:
+            os.kill(endless, signal.SIGKILL)
+        done, status = os.waitpid(finite, os.WNOHANG)
+    os.kill(endless, signal.SIGKILL)  # if the other writer finished first
+    assert killed(endless) and os.WIFEXITED(status)
+    assert_one_save(directory)
+    assert not temporaries(tmp_path)
 
 
 # --- what a save keeps and cleans --------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ over as hard links), so a reader or a killed writer sees the old pair or the new
 exchange is not available (not Linux, a file system without it or without hard links, sub-directories in the target)
 the files are renamed in one by one, weights first; the weights' metadata then records the SHA-256 of the config
 they replace, and a load refuses exactly that config beside them (a writer killed between the two renames). A config
-edited by hand still loads. Temporary directories of killed writers are removed by the next save beside them.
+edited by hand still loads. Temporary directories of killed writers are removed by the next save or load beside
+them.
 """
 import ctypes
 import errno
@@ -101,11 +102,16 @@ def write_adapter(directory, config: dict, tensors: dict[str, torch.Tensor], met
         if replaced != metadata[CONFIG_HASH_KEY]:
             metadata[REPLACED_HASH_KEY] = replaced
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a folder of the path should be
+        raise ValueError(f"directory must be a path whose folders are directories, got {directory!r} "
+                         f"({e.filename}: {e.strerror})") from None
     _remove_stale_temporaries(parent)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=parent)
     try:
         save_file(cpu, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
+        _sort_metadata(os.path.join(tmp, WEIGHTS_NAME))
         with open(os.path.join(tmp, CONFIG_NAME), "wb") as f:
             f.write(config_bytes)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -115,6 +121,19 @@ def write_adapter(directory, config: dict, tensors: dict[str, torch.Tensor], met
         _fsync(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the new files if the swap failed, the old ones after an exchange
+
+
+def _sort_metadata(path: str) -> None:
+    """safetensors writes `__metadata__` in hash-map order, which differs from one save to the next, so one adapter
+    saved twice gave two files; rewrite the header (in place, same length) with the metadata's keys sorted."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        sorted_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(sorted_header) <= length:  # the same JSON reordered: always, short of another writer's escaping
+            f.seek(8)
+            f.write(sorted_header.ljust(length))
 
 
 def _swap_in(tmp: str, target: str) -> None:
@@ -166,9 +185,13 @@ def _libc():
 
 
 def _remove_stale_temporaries(parent: str) -> None:
-    """Remove temporary directories that writers on this host left when they were killed."""
+    """Remove temporary directories that writers on this host left when they were killed (where we may)."""
     mine = f"{TMP_PREFIX}{socket.gethostname()}-"
-    for entry in os.scandir(parent):
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:  # e.g. a reader without permission to list the folder above the adapter
+        return
+    for entry in entries:
         if entry.name.startswith(mine) and entry.is_dir(follow_symlinks=False):
             pid = entry.name[len(mine):].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
@@ -229,6 +252,7 @@ def read_adapter(directory) -> SavedAdapter:
     weights were saved with, and finite values."""
     directory = _directory_arg(directory)
     _require_adapter_directory(directory)
+    _remove_stale_temporaries(os.path.dirname(os.path.realpath(directory)))
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for attempt in range(3):  # a save may remove the directory we opened (the old adapter) before we read it
         dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -247,7 +271,10 @@ def read_adapter(directory) -> SavedAdapter:
         tensors = load_safetensors(weights_bytes)
         metadata = _safetensors_metadata(weights_bytes)
     except Exception as e:  # safetensors raises its own error types for bad headers and short files
-        raise ValueError(f"{weights_path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+        promised = _promised_size(weights_bytes)
+        sizes = f"; its header promises {promised} bytes, the file has {len(weights_bytes)}" if promised else ""
+        raise ValueError(f"{weights_path} is not a readable safetensors file (corrupt or truncated?): "
+                         f"{e}{sizes}") from e
     config_hash = _sha256(config_bytes)
     if metadata.get(REPLACED_HASH_KEY) == config_hash != metadata.get(CONFIG_HASH_KEY):
         raise ValueError(f"{config_path} is the config that {weights_path} replaced, not its own: a save into this "
@@ -286,6 +313,17 @@ def _parse_config(data: bytes, path: str):
         return json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _promised_size(data: bytes) -> int | None:
+    """The length a safetensors buffer's header promises (8 + header + the data its offsets reach); None where the
+    header itself is unreadable."""
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        entries = json.loads(data[8:8 + length])
+        return 8 + length + max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

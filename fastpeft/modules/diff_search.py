@@ -76,7 +76,8 @@ class DiffSearchLinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dimension must equal in_features {self.in_features}, "
                              f"got x of shape {tuple(x.shape)}")
-        checks.check_same("x", x, weight=w0)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear / addmm cast both to its dtype
+            checks.check_same("x", x, weight=w0)
         # W0 + z * diff summed in fp32 and rounded once (w0.float() is w0 itself in fp32: addcmul never writes it).
         merged = torch.addcmul(w0.float(), self.gate_values(), self.diff).to(w0.dtype)
         if not self.fan_in_fan_out:

@@ -13,4 +13,4 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
-    raise TypeError(f"expected an nn.Linear or transformers' Conv1D, got {type(module).__name__}")
+    raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D, got {type(module).__name__}")

@@ -70,7 +70,7 @@ class LoraLinear(nn.Module):
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
         if name in self.settings:
-            raise ValueError(f"adapter {name!r} already exists on this layer (have {sorted(self.settings)})")
+            raise ValueError(f"adapter_name {name!r} already exists on this layer (have {sorted(self.settings)})")
         lora_args.check_rank("r", r)
         lora_alpha = lora_args.check_alpha("lora_alpha", lora_alpha)
         lora_dropout = lora_args.check_dropout("lora_dropout", lora_dropout)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft import backends
-from fastpeft.ops import checks
+from fastpeft.ops import autocast, checks
 from fastpeft.ops.dropout import dropout_ref, keep_mask, seed_tensor
 
 ACTIVATIONS = ("relu", "gelu", "silu")  # gelu is the exact (erf) GELU, torch's default
@@ -181,7 +181,9 @@ def bottleneck_adapter(h, w_down, b_down, w_up, b_up, activation="relu", scaling
 
     w_down [m, d], b_down [m] or None, w_up [d, m], b_up [d] or None; `residual` (shape of h) defaults to h.
     Dropout applies to the adapter's input only when `training`; its mask comes from `seed` (drawn from torch's
-    generator when None). `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends)."""
+    generator when None). `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends). Under
+    torch.autocast it computes in autocast's dtype as nn.Linear does, residual included (fastpeft.ops.autocast)."""
+    h, w_down, b_down, w_up, b_up, residual = autocast.cast(h, w_down, b_down, w_up, b_up, residual)
     _validate(h, w_down, b_down, w_up, b_up, activation, scaling, residual, dropout_p, seed)
     dropout_p = float(dropout_p) if training else 0.0
     seed = seed_tensor(seed, dropout_p)

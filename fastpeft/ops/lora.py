@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft import backends
-from fastpeft.ops import checks
+from fastpeft.ops import autocast, checks
 from fastpeft.ops.dropout import dropout_ref, seed_tensor
 
 # Decode-sized inputs take the one-launch Triton forward up to this many rows.
@@ -169,7 +169,9 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
 
     weight [out, in] (may be a transposed view, e.g. of a GPT-2 Conv1D weight), lora_a [r, in], lora_b [out, r].
     Dropout applies only when `training`; its mask comes from `seed` (drawn from torch's generator when None).
-    `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends)."""
+    `backend` overrides FASTPEFT_BACKEND for this call (see fastpeft.backends). Under torch.autocast it computes
+    in autocast's dtype, as nn.Linear does (fastpeft.ops.autocast)."""
+    x, weight, bias, lora_a, lora_b = autocast.cast(x, weight, bias, lora_a, lora_b)
     _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     dropout_p = float(dropout_p) if training else 0.0
     seed = seed_tensor(seed, dropout_p)
@@ -177,7 +179,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     rank = lora_a.shape[0]
     if name == "triton" and rank > TRITON_MAX_RANK:
         if backends.requested(backend) == "triton":
-            raise ValueError(f"the triton backend supports LoRA ranks up to {TRITON_MAX_RANK}, got {rank}")
+            raise ValueError(f"lora_a of shape {tuple(lora_a.shape)}: the triton backend supports LoRA ranks up to "
+                             f"{TRITON_MAX_RANK}, got {rank}")
         name = "torch"
     if name == "reference":
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import increment_version
 
 from fastpeft import backends
-from fastpeft.ops import checks
+from fastpeft.ops import autocast, checks
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -174,8 +174,11 @@ def check_indices(indices: torch.Tensor, numel: int) -> None:
     low, high = indices.min().item(), indices.max().item()
     if low < 0 or high >= numel:
         raise ValueError(f"indices must lie in [0, {numel}) (the weight's flat positions), got [{low}, {high}]")
-    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise ValueError("indices must be strictly increasing (sorted row-major, no duplicates)")
+    unsorted = (indices[1:] <= indices[:-1]).nonzero()
+    if unsorted.numel():
+        at = unsorted[0, 0].item()
+        raise ValueError(f"indices must be strictly increasing (sorted row-major, no duplicates), got "
+                         f"{indices[at].item()} then {indices[at + 1].item()} at positions {at}, {at + 1}")
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -183,7 +186,9 @@ def sparse_delta_linear(x, weight, bias, values, indices, fan_in_fan_out=False, 
     """x @ W^T + bias for x [..., in], where `weight` already holds W0 + delta at `indices` (see
     `scatter_delta_`); gradients flow to x, `values` (the delta at the mask) and bias / weight if they need them.
     `weight` is [out, in], or [in, out] with `fan_in_fan_out` (GPT-2 Conv1D). `backend` overrides
-    FASTPEFT_BACKEND for this call (see fastpeft.backends)."""
+    FASTPEFT_BACKEND for this call (see fastpeft.backends). Under torch.autocast the linear runs in autocast's dtype,
+    as nn.Linear's (fastpeft.ops.autocast); `values` keeps its dtype, and its gradient is accumulated in fp32."""
+    x, weight, bias = autocast.cast(x, weight, bias)
     checks.check_tensor("x", x)
     _check_delta(weight, values, indices)
     in_features, out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
