@@ -92,6 +92,13 @@ def _time_call(fn: Callable[[], object], device: torch.device) -> float:
 def time_round_robin(cases: dict[Hashable, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
                      prepare: Callable[[], None] | None = None) -> dict[Hashable, float]:
     """Median milliseconds per case; `prepare` (untimed) runs before every call, e.g. to clear gradients."""
+    samples = round_robin_samples(cases, device, repeats, warmup, prepare)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def round_robin_samples(cases: dict[Hashable, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+                        prepare: Callable[[], None] | None = None) -> dict[Hashable, list[float]]:
+    """The `repeats` timed milliseconds of each case, in round order (see the module docstring)."""
     names = list(cases)
     samples: dict[Hashable, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
@@ -102,7 +109,7 @@ def time_round_robin(cases: dict[Hashable, Callable[[], object]], device: torch.
             elapsed = _time_call(cases[name], device)
             if round_ >= warmup:
                 samples[name].append(elapsed)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples
 
 
 def saved_bytes(forward: Callable[[], object], alive: Iterable[torch.Tensor | None]) -> tuple[int, int]:
@@ -207,8 +214,8 @@ def markdown_table(report: dict, baseline: str = "base") -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
-    """Grouped bars of fwd, fwd+bwd (and any extra) milliseconds per implementation."""
+def plot(report: dict, path: Path, step_label: str = "fwd+bwd") -> None:
+    """Grouped bars of fwd, fwd+bwd (`step_label` in the legend) and any extra milliseconds per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +223,7 @@ def plot(report: dict, path: Path) -> None:
 
     impls = list(report["results"])
     fig, ax = plt.subplots(figsize=(1.6 * len(impls) + 2, 4))
-    series = [("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")] + [(k, EXTRA_TIMES[k]) for k in _extra_times(report)]
+    series = [("fwd_ms", "fwd"), ("fwd_bwd_ms", step_label)] + [(k, EXTRA_TIMES[k]) for k in _extra_times(report)]
     width = 0.8 / len(series)
     for n, (key, label) in enumerate(series):
         ax.bar([i + (n + 0.5) * width - 0.4 for i in range(len(impls))],
@@ -249,9 +256,11 @@ def measure(problem, impls, device: torch.device, repeats: int, warmup: int) -> 
     return results
 
 
-def finish(report: dict, args: argparse.Namespace, baseline: str = "base") -> dict:
-    """Print the table (times over `baseline`'s) and ratios, then write the JSON and plot that were asked for."""
-    print(markdown_table(report, baseline))
+def finish(report: dict, args: argparse.Namespace, baseline: str = "base",
+           table: Callable[[dict], str] | None = None, step_label: str = "fwd+bwd") -> dict:
+    """Print the table (`table(report)`, by default markdown_table with times over `baseline`'s) and the ratios,
+    then write the JSON and plot (fwd_bwd_ms named `step_label`) that were asked for."""
+    print(table(report) if table else markdown_table(report, baseline))
     print()
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
@@ -261,6 +270,6 @@ def finish(report: dict, args: argparse.Namespace, baseline: str = "base") -> di
         print(f"wrote {target}")
     if args.plot:
         target = output_path(args.plot, report, ".png")
-        plot(report, target)
+        plot(report, target, step_label)
         print(f"wrote {target}")
     return report

@@ -54,3 +54,14 @@ def test_an_implementation_that_cannot_run_is_left_out_and_named():
     assert report["ratios"]["sddmm_speedup_over_torch_sampled"] is None
     assert report["ratios"]["target_met:sddmm_speedup_over_torch_sampled"] is None
     assert report["ratios"]["sddmm_speedup_over_dense"] > 0
+
+
+@pytest.mark.parametrize("density", [0.005, 0.05])
+def test_the_dense_and_sampled_addmm_peers_run_at_the_densities_the_gpu_script_uses(density):
+    report = sparse_delta.main(["--shape", "40,50,80", "--density", str(density), "--repeats", "1", "--warmup", "0"])
+    assert report["params"]["nnz"] == round(density * 80 * 50) and report["params"]["unsupported"] == {}
+    # The dense peer trains the whole weight: its step computes dW = dy^T x; sampled_addmm runs on CPU in fp32.
+    for peer in ("dense", "torch_sampled"):
+        assert report["results"][peer]["grad_ms"] > 0 and report["results"][peer]["fwd_bwd_ms"] > 0
+        assert report["ratios"][f"sddmm_speedup_over_{peer}"] > 0
+    assert report["results"]["dense"]["saved_bytes"] == 0  # it keeps x and its weight, both alive anyway
