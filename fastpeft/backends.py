@@ -1,8 +1,9 @@
 """Choose the implementation of an op per call.
 
-`triton` on CUDA tensors when Triton is importable (or on CPU under TRITON_INTERPRET=1, for tests),
-`ext` where the compiled CPU extension is built, `torch` (hand-fused PyTorch) everywhere else, `reference`
-(plain PyTorch, the test oracle) on request and for float64, which no kernel is built for.
+`triton` on CUDA tensors when Triton is importable (forced on CPU tensors, it runs the kernels through Triton's
+interpreter: slow, for tests), `ext` where the compiled CPU extension is built, `torch` (hand-fused PyTorch)
+everywhere else, `reference` (plain PyTorch, the test oracle) on request and for float64, which no kernel is built
+for.
 `FASTPEFT_BACKEND=auto|triton|ext|torch|reference` or an op's `backend=` argument forces one; a forced backend that
 cannot run here is an error, never a silent fallback.
 """
@@ -20,16 +21,12 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def triton_usable(device: torch.device) -> tuple[bool, str]:
     if not triton_importable():
         return False, "Triton is not installed"
-    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+    if device.type in ("cuda", "cpu"):  # compiled on CUDA tensors, interpreted on CPU ones
         return True, ""
-    return False, f"Triton kernels need CUDA tensors (got device {device}; set TRITON_INTERPRET=1 to interpret on CPU)"
+    return False, f"Triton kernels need CUDA tensors, or CPU tensors for the interpreter (got device {device})"
 
 
 def ext_usable(device: torch.device) -> tuple[bool, str]:

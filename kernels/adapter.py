@@ -20,21 +20,28 @@ the output rounds once. Widths m = 1..256 are padded to a power of two >= 16 (tl
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
 
-from .autotune import INTERPRET, KernelSpec, autotuned, config, family, precision
+from .autotune import Tuned, config, precision
+from .interpreted import interpreting
 from .dropout import dropout_args, dropout_col_key, dropout_keep, dropout_row_key
 from .layout import int32_columns, unit_stride
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 MAX_WIDTH = 256
 
-# One config per input family, so the AOT build (each kernel x dtype x arch) stays short. It fits sm_80's 163 KB
-# of shared memory at the worst case m = 256 (the AOT test checks): the [BLOCK_D, 256] weight tile dominates, so
-# BLOCK_D stays at 64 (bf16 / fp16) or 32 (fp32). BLOCK_M = 64 is one Hopper warpgroup's wgmma M; 8 warps hold
-# the [BLOCK_M, m] fp32 bottleneck (4 warps would spill at m = 256, and take 3-5x longer to compile).
+# One config per kernel and input family, so the AOT build stays short. Each fits sm_80's 163 KB of shared memory
+# and spills no registers at the worst case m = 256 (the AOT test checks its launch-specialised builds): the
+# [BLOCK_D, 256] weight tiles dominate shared memory, so BLOCK_D is 64 (bf16 / fp16) or 32 (fp32) forward, and 32
+# backward, whose loops also stream dy (at 64 the backward-down kernel's pipelined copies asked for 240 KB on
+# sm_90, and both backward kernels spilled; backward-up still spilled on sm_80 pipelined 3 deep). BLOCK_M = 64 is
+# one Hopper warpgroup's wgmma M; 8 warps hold the [BLOCK_M, m] fp32 bottleneck (4 would spill at m = 256); the
+# fp32 backward, whose exact dots keep both operands in registers, takes 32 rows.
 CONFIGS = {
-    "lowp": [config(8, 3, BLOCK_M=64, BLOCK_D=64)],
-    "fp32": [config(8, 2, BLOCK_M=64, BLOCK_D=32)],
+    "forward": {"lowp": [config(8, 3, BLOCK_M=64, BLOCK_D=64)], "fp32": [config(8, 2, BLOCK_M=64, BLOCK_D=32)]},
+    "backward_up": {"lowp": [config(8, 2, BLOCK_M=64, BLOCK_D=32)], "fp32": [config(8, 2, BLOCK_M=32, BLOCK_D=32)]},
+    "backward_down": {"lowp": [config(8, 3, BLOCK_M=64, BLOCK_D=32)], "fp32": [config(8, 2, BLOCK_M=32, BLOCK_D=32)]},
 }
 
 
@@ -68,13 +75,13 @@ def _activate_grad(z, ACTIVATION: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------------------
 # Forward: y = r + s * (act(drop(h) @ Wd.T + bd) @ Wu.T + bu), and the fp32 pre-activation z
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def _adapter_forward_kernel(
     h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr, z_ptr,  # h, r, y [M, D]; wd [W, D]; wu [D, W]; z fp32 [M, W]
     M, D, W,
     stride_hm, stride_hd, stride_wdw, stride_wdd, stride_wud, stride_wuw, stride_rm, stride_rd, stride_ym, stride_yd,
     stride_zm,
-    scaling, seed, drop_threshold, keep_scale,  # dropout key, uint32 drop threshold, 1 / (1 - p)
+    scaling, seed_ptr, drop_threshold, keep_scale,  # int64 dropout key (one element), uint32 threshold, 1/(1-p)
     HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, DROPOUT: tl.constexpr, ACTIVATION: tl.constexpr,
     W_PAD: tl.constexpr,  # bottleneck width padded to a power of two >= 16
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -91,7 +98,7 @@ def _adapter_forward_kernel(
     h_ptrs = h_ptr + rows * stride_hm + offs_d[None, :] * stride_hd
     wd_ptrs = wd_ptr + offs_w[None, :] * stride_wdw + offs_d[:, None] * stride_wdd  # Wd.T tile [BLOCK_D, W_PAD]
     if DROPOUT:
-        row_key = dropout_row_key(offs_m, seed)
+        row_key = dropout_row_key(offs_m, tl.load(seed_ptr))
     z = tl.zeros((BLOCK_M, W_PAD), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_in = offs_d < D - d0
@@ -131,10 +138,13 @@ def _adapter_forward_kernel(
                  mask=md_in)
 
 
-_adapter_forward = autotuned(_adapter_forward_kernel, CONFIGS, key=["M", "D", "W"])
+_adapter_forward = Tuned(_adapter_forward_kernel, CONFIGS["forward"], key=["M", "D", "W"])
 
 
-def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, scaling: float, p: float, seed):
+@triton_op("fastpeft_triton::adapter_forward", mutates_args=())
+def adapter_forward(h: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+                    residual: Tensor | None, activation: str, scaling: float, p: float,
+                    seed: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (y `[M, d]` h.dtype, z fp32 `[M, m]`) for h `[M, d]`; `residual` None means h."""
     h, w_down, w_up = int32_columns(h), int32_columns(w_down), int32_columns(w_up)
     b_down, b_up = unit_stride(b_down), unit_stride(b_up)
@@ -143,14 +153,14 @@ def adapter_forward(h, w_down, b_down, w_up, b_up, residual, activation: str, sc
     r = h if residual is None else int32_columns(residual)
     y = torch.empty((M, D), device=h.device, dtype=h.dtype)
     z = torch.empty((M, W), device=h.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed, h)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _adapter_forward[family(h.dtype)][grid](
+    _adapter_forward(h)[grid](
         h, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up, r, y, z,
         M, D, W, h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
         r.stride(0), r.stride(1), y.stride(0), y.stride(1), z.stride(0), float(scaling), seed, threshold, keep_scale,
         HAS_BD=b_down is not None, HAS_BU=b_up is not None, DROPOUT=dropout, ACTIVATION=ACTIVATION_IDS[activation],
-        W_PAD=_width_pad(W), PRECISION=precision(h.dtype), UPCAST=INTERPRET)
+        W_PAD=_width_pad(W), PRECISION=precision(h.dtype), UPCAST=interpreting(h))
     return y, z
 
 
@@ -174,8 +184,8 @@ def _adapter_backward_up_kernel(
     w_in = offs_w < W
     rows = offs_m[:, None].to(tl.int64)
     mw_in = m_in[:, None] & w_in[None, :]
-    z = tl.load(z_ptr + rows * stride_zm + offs_w[None, :], mask=mw_in, other=0.0)
-    a = _activate(z, ACTIVATION).to(wu_ptr.dtype.element_ty)  # the forward's rounded act(z)
+    z_ptrs = z_ptr + rows * stride_zm + offs_w[None, :]
+    a = _activate(tl.load(z_ptrs, mask=mw_in, other=0.0), ACTIVATION).to(wu_ptr.dtype.element_ty)  # forward's act(z)
     if UPCAST:
         a = a.to(tl.float32)
 
@@ -196,16 +206,19 @@ def _adapter_backward_up_kernel(
         tl.atomic_add(dbu_ptr + d0 + offs_d, tl.sum(dy.to(tl.float32), axis=0) * scaling, mask=d_in)
         dy_ptrs += BLOCK_D * stride_dyd
         wu_ptrs += BLOCK_D * stride_wud
-    dz = g * scaling * _activate_grad(z, ACTIVATION)
+    # z is read again rather than kept live across the loop: at m = 256 holding it spilled registers (AOT test).
+    dz = g * scaling * _activate_grad(tl.load(z_ptrs, mask=mw_in, other=0.0), ACTIVATION)
     tl.store(dz_ptr + rows * stride_dzm + offs_w[None, :], dz, mask=mw_in)
     tl.atomic_add(dbd_ptr + offs_w, tl.sum(dz, axis=0), mask=w_in)
 
 
-_adapter_backward_up = autotuned(_adapter_backward_up_kernel, CONFIGS, key=["M", "D", "W"],
-                                 reset_to_zero=["dwu_ptr", "dbu_ptr", "dbd_ptr"])
+_adapter_backward_up = Tuned(_adapter_backward_up_kernel, CONFIGS["backward_up"], key=["M", "D", "W"],
+                             reset_to_zero=["dwu_ptr", "dbu_ptr", "dbd_ptr"])
 
 
-def adapter_backward_up(dy, w_up, z, activation: str, scaling: float):
+@triton_op("fastpeft_triton::adapter_backward_up", mutates_args=())
+def adapter_backward_up(dy: Tensor, w_up: Tensor, z: Tensor, activation: str,
+                        scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass over dy `[M, d]`: returns fp32 (dz `[M, m]`, dW_up `[d, m]`, db_up `[d]`, db_down `[m]`)."""
     dy, w_up = int32_columns(dy), int32_columns(w_up)
     M, D = dy.shape
@@ -215,22 +228,22 @@ def adapter_backward_up(dy, w_up, z, activation: str, scaling: float):
     dbu = torch.zeros(D, device=dy.device, dtype=torch.float32)
     dbd = torch.zeros(W, device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _adapter_backward_up[family(dy.dtype)][grid](
+    _adapter_backward_up(dy)[grid](
         dy, w_up, z, dz, dwu, dbu, dbd, M, D, W, dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1),
         z.stride(0), dz.stride(0), float(scaling), ACTIVATION=ACTIVATION_IDS[activation], W_PAD=_width_pad(W),
-        PRECISION=precision(dy.dtype), UPCAST=INTERPRET)
+        PRECISION=precision(dy.dtype), UPCAST=interpreting(dy))
     return dz, dwu, dbu, dbd
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backward, kernel 2 (one pass over h): dh = [dy] + mask/(1-p) * (dz @ Wd); dWd += dz.T drop(h)
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def _adapter_backward_down_kernel(
     dy_ptr, dz_ptr, wd_ptr, h_ptr, dh_ptr, dwd_ptr,  # dz fp32 [M, W]; wd [W, D]; dh [M, D]; dwd fp32 [W, D]
     M, D, W,
     stride_dym, stride_dyd, stride_dzm, stride_wdw, stride_wdd, stride_hm, stride_hd, stride_dhm, stride_dhd,
-    seed, drop_threshold, keep_scale,
+    seed_ptr, drop_threshold, keep_scale,
     NEED_DH: tl.constexpr,  # False: only dWd (h does not require grad); the dz @ Wd dot is compiled away
     ADD_DY: tl.constexpr,  # the residual is h itself, so dh also carries dy
     DROPOUT: tl.constexpr, W_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -247,7 +260,7 @@ def _adapter_backward_down_kernel(
     if UPCAST:
         dz = dz.to(tl.float32)
     if DROPOUT:
-        row_key = dropout_row_key(offs_m, seed)
+        row_key = dropout_row_key(offs_m, tl.load(seed_ptr))
 
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + offs_d
@@ -278,42 +291,61 @@ def _adapter_backward_down_kernel(
                      mask=md_in)
 
 
-_adapter_backward_down = autotuned(_adapter_backward_down_kernel, CONFIGS, key=["M", "D", "W"],
-                                   reset_to_zero=["dwd_ptr"])
+_adapter_backward_down_tuned = Tuned(_adapter_backward_down_kernel, CONFIGS["backward_down"], key=["M", "D", "W"],
+                                     reset_to_zero=["dwd_ptr"])
 
 
 def adapter_backward_down(dy, dz, w_down, h, p: float, seed, need_dh: bool, add_dy: bool):
     """One pass over h `[M, d]`: returns (dh `[M, d]` h.dtype or None, dW_down fp32 `[m, d]`)."""
+    dh, dwd = _adapter_backward_down(dy, dz, w_down, h, p, seed, need_dh, add_dy)
+    return (dh if need_dh else None), dwd
+
+
+@triton_op("fastpeft_triton::adapter_backward_down", mutates_args=())
+def _adapter_backward_down(dy: Tensor, dz: Tensor, w_down: Tensor, h: Tensor, p: float, seed: Tensor, need_dh: bool,
+                           add_dy: bool) -> tuple[Tensor, Tensor]:
+    """`adapter_backward_down` as an op, whose outputs are tensors: dh is empty when not `need_dh`."""
     dy, w_down, h = int32_columns(dy), int32_columns(w_down), int32_columns(h)
     M, D = h.shape
     W = w_down.shape[0]
-    dh = torch.empty((M, D), device=h.device, dtype=h.dtype) if need_dh else None
+    dh = torch.empty((M, D), device=h.device, dtype=h.dtype) if need_dh else h.new_empty(0)
     dwd = torch.zeros((W, D), device=h.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed, h)
     dh_arg = dh if need_dh else h  # never written when NEED_DH is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _adapter_backward_down[family(h.dtype)][grid](
+    _adapter_backward_down_tuned(h)[grid](
         dy, dz, w_down, h, dh_arg, dwd, M, D, W, dy.stride(0), dy.stride(1), dz.stride(0), w_down.stride(0),
         w_down.stride(1), h.stride(0), h.stride(1), dh_arg.stride(0), dh_arg.stride(1), seed, threshold, keep_scale,
         NEED_DH=need_dh, ADD_DY=need_dh and add_dy, DROPOUT=dropout, W_PAD=_width_pad(W),
-        PRECISION=precision(h.dtype), UPCAST=INTERPRET)
+        PRECISION=precision(h.dtype), UPCAST=interpreting(h))
     return dh, dwd
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry for the ahead-of-time compile test (tests/test_triton_aot.py): worst case m = 256, gelu, dropout on.
+# Launches that reach every compiled variant (kernels/aot.py builds them for sm_90 / sm_80 in tests/test_triton_aot.py)
 # ---------------------------------------------------------------------------------------------------------------
-def _worst_case(dtype, **extra):
-    return {"W_PAD": MAX_WIDTH, "PRECISION": precision(dtype), "UPCAST": False, **extra}
+# Kernels whose loops are tensor-core GEMMs over d, with the constexpr that the loop needs ("" for none): their bf16 /
+# fp16 sm_90 builds must issue wgmma inside a loop. Without dh the backward-down loop's one dot has m rows, fewer
+# than a warpgroup's 64 for narrow bottlenecks.
+WGMMA_LOOPS = {"_adapter_forward_kernel": "", "_adapter_backward_up_kernel": "",
+               "_adapter_backward_down_kernel": "NEED_DH"}
+AOT_DIMENSIONS = {  # worst case first
+    "dtype": (torch.bfloat16, torch.float16, torch.float32),
+    "width": (256, 128, 64, 48, 32, 16),  # each padded width; 48 pads to 64 and is no multiple of 16
+    "activation": ("gelu", "silu", "relu"),
+    "dropout": (0.1, 0.0),
+    "biases": ((True, True), (True, False), (False, True), (False, False)),  # (b_down, b_up)
+    "input_grads": ("dh", "dh_and_residual", "none"),  # dh with the residual's dy (residual is h), or no dh
+}
 
 
-_F32 = "*fp32"
-KERNELS = [
-    KernelSpec("adapter_forward", _adapter_forward_kernel, CONFIGS, {"z_ptr": _F32},
-               lambda dt: _worst_case(dt, HAS_BD=True, HAS_BU=True, DROPOUT=True, ACTIVATION=1), gemm=True),
-    KernelSpec("adapter_backward_up", _adapter_backward_up_kernel, CONFIGS,
-               {"z_ptr": _F32, "dz_ptr": _F32, "dwu_ptr": _F32, "dbu_ptr": _F32, "dbd_ptr": _F32},
-               lambda dt: _worst_case(dt, ACTIVATION=1), gemm=True),
-    KernelSpec("adapter_backward_down", _adapter_backward_down_kernel, CONFIGS, {"dz_ptr": _F32, "dwd_ptr": _F32},
-               lambda dt: _worst_case(dt, NEED_DH=True, ADD_DY=True, DROPOUT=True), gemm=True),
-]
+def aot_launch(dtype, width, activation, dropout, biases, input_grads):
+    """Every launcher once, on contiguous 16-aligned operands as a training step hands them over."""
+    rows, d = 256, 256
+    h, dy = torch.empty(rows, d, dtype=dtype), torch.empty(rows, d, dtype=dtype)
+    w_down, w_up = torch.empty(width, d, dtype=dtype), torch.empty(d, width, dtype=dtype)
+    b_down, b_up = (torch.empty(size, dtype=dtype) if on else None for size, on in zip((width, d), biases))
+    z, seed = torch.empty(rows, width), torch.zeros((), dtype=torch.int64)
+    adapter_forward(h, w_down, b_down, w_up, b_up, None, activation, 2.0, dropout, seed)
+    adapter_backward_up(dy, w_up, z, activation, 2.0)
+    adapter_backward_down(dy, z, w_down, h, dropout, seed, input_grads != "none", input_grads == "dh_and_residual")

@@ -4,11 +4,14 @@ An element at logical position (row, col) of the flattened `[M, K]` input is kep
     mix32(mix32(row ^ seed) + col * 0x9E3779B9) >= threshold          (uint32 arithmetic, mod 2**32)
 Kernels hash a row vector once (`dropout_row_key`), a column vector once per K step (`dropout_col_key`),
 and broadcast the two in `dropout_keep`, so a [BLOCK_M, BLOCK_K] mask costs one mix32 per element.
-`dropout_args` turns a launcher's (p, seed) into the kernels' dropout arguments.
+`dropout_args` turns a launcher's (p, seed tensor) into the kernels' dropout arguments; kernels load the seed
+from its pointer, so the seed drawn by torch.compiled code stays a tensor of the graph (no `.item()` on the host).
 """
 import torch
 import triton
 import triton.language as tl
+
+from .interpreted import interpreting, twin
 
 
 @triton.jit
@@ -24,7 +27,8 @@ def _mix32(h):
 
 @triton.jit
 def dropout_row_key(rows, seed):
-    """mix32(row ^ seed) for an int32 vector of logical row indices (0 <= seed < 2**31)."""
+    """mix32(row ^ seed) for an int32 vector of logical row indices and the seed (a kernel loads it from its
+    int64 tensor; 0 <= seed < 2**31)."""
     return _mix32((rows ^ seed).to(tl.uint32))
 
 
@@ -57,18 +61,27 @@ def dropout_hash_kernel(out_ptr, rows, cols, seed, BLOCK: tl.constexpr):
 
 
 def dropout_hash_grid(seed: int, rows: int, cols: int, device) -> torch.Tensor:
-    """The uint32 hash (as int64) of every position of a `[rows, cols]` input, computed by the Triton helper;
-    equals `fastpeft.ops.dropout.dropout_hash(seed, rows, cols)`."""
+    """The uint32 hash (as int64) of every position of a `[rows, cols]` input, computed by the Triton helper (its
+    interpreted twin on CPU); equals `fastpeft.ops.dropout.dropout_hash(seed, rows, cols)`."""
     out = torch.empty((rows, cols), dtype=torch.int32, device=device)
     block = 32
-    dropout_hash_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](out, rows, cols, seed, BLOCK=block)
+    kernel = twin(dropout_hash_kernel) if interpreting(out) else dropout_hash_kernel
+    kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](out, rows, cols, seed, BLOCK=block)
     return out.to(torch.int64) & 0xFFFFFFFF
 
 
-def dropout_args(p: float, seed):
-    """Launcher arguments (seed, uint32 threshold, 1/(1-p), DROPOUT constexpr) for a seed given as an int or a
-    one-element CPU tensor; p == 0 compiles kernels with no RNG at all.
+def dropout_args(p: float, seed: torch.Tensor, like: torch.Tensor):
+    """Launcher arguments (seed tensor on `like`'s device, uint32 threshold, 1/(1-p), DROPOUT constexpr) for the
+    one-element int64 `seed`; p == 0 compiles kernels with no RNG at all (and `like` stands in for the unread seed).
     The threshold is `fastpeft.ops.dropout.keep_threshold(p)` (kernels may not import fastpeft; a test checks)."""
     if p == 0.0:
-        return 0, 0, 1.0, False
-    return int(seed), min(int(p * 2.0**32), 0xFFFFFFFF), 1.0 / (1.0 - p), True
+        return like, 0, 1.0, False
+    return seed.to(like.device), min(int(p * 2.0**32), 0xFFFFFFFF), 1.0 / (1.0 - p), True
+
+
+AOT_DIMENSIONS = {}
+
+
+def aot_launch():
+    """The hash-only test kernel (its helpers are built into every dropout kernel of the other families)."""
+    dropout_hash_grid(12345, 64, 64, "cpu")

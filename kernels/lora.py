@@ -16,9 +16,12 @@ fp32 accumulator, so dropout adds no rounding.
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
 
-from .autotune import INTERPRET, KernelSpec, autotuned, config, family, precision
-from .dropout import dropout_args, dropout_hash_kernel, dropout_col_key, dropout_keep, dropout_row_key
+from .autotune import Tuned, config, precision
+from .interpreted import interpreting
+from .dropout import dropout_args, dropout_col_key, dropout_keep, dropout_row_key
 from .layout import int32_columns, unit_stride
 
 # Grouped (swizzled) tile order: GROUP_M row-blocks share each column-block, so their operand tiles stay in L2.
@@ -43,6 +46,20 @@ CONFIGS = {
             config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         ],
     },
+    # The backward dx GEMM loops over N with [BLOCK_M, BLOCK_N] dy and [BLOCK_N, BLOCK_K] w tiles, so its reduction
+    # block is BLOCK_N; its epilogue holds the x tile, its mask and G next to the accumulator. Launch-specialised
+    # builds (the AOT test) found the forward's configs asking for 288 KB of pipelined shared memory on sm_90, and
+    # [128, 128] output tiles spilling registers (so did 4 stages, or 64 x 128, on sm_80); these do neither.
+    "dx": {
+        "lowp": [
+            config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+            config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+        ],
+        "fp32": [
+            config(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64),
+            config(4, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64),
+        ],
+    },
     # Memory-bound passes over one activation (x for S, dy for G): wide K blocks stream it. BLOCK_M >= 64 so
     # that sm_90 builds use wgmma (one warpgroup covers 64 rows).
     "shrink": {
@@ -55,7 +72,7 @@ CONFIGS = {
     # One pass over dy for G and dB.
     "backward_shrink": {
         "lowp": [
-            config(4, 3, BLOCK_M=64, BLOCK_N=128),
+            config(8, 3, BLOCK_M=64, BLOCK_N=128),  # 8 warps: 4 spilled on sm_80 at rank 64
             config(8, 3, BLOCK_M=128, BLOCK_N=64),
         ],
         "fp32": [config(4, 3, BLOCK_M=64, BLOCK_N=32)],
@@ -65,7 +82,7 @@ CONFIGS = {
     "small": {
         "lowp": [
             config(4, 3, BLOCK_N=32, BLOCK_K=128),
-            config(4, 4, BLOCK_N=64, BLOCK_K=128),
+            config(8, 4, BLOCK_N=64, BLOCK_K=128),  # 8 warps: 4 spilled on sm_80 at 64 rows
         ],
         "fp32": [config(4, 3, BLOCK_N=32, BLOCK_K=64)],
     },
@@ -91,12 +108,12 @@ def _grouped_tile(pid, num_pid_m, num_pid_n):
 # ---------------------------------------------------------------------------------------------------------------
 # S = drop(x) @ down.T   (also G = dy @ b with down = b.T, p = 0)
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def _lora_shrink_kernel(
     x_ptr, down_ptr, out_ptr,  # x [M, K], down [R, K], out fp32 [M, R]
     M, K, R,
     stride_xm, stride_xk, stride_dr, stride_dk, stride_om,
-    seed, drop_threshold, keep_scale,  # dropout key, uint32 drop threshold, 1 / (1 - p)
+    seed_ptr, drop_threshold, keep_scale,  # int64 dropout key (one element), uint32 drop threshold, 1 / (1 - p)
     DROPOUT: tl.constexpr,  # False compiles the mask away (p == 0)
     R_PAD: tl.constexpr,  # rank padded to a power of two >= 16 for tl.dot
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -108,7 +125,7 @@ def _lora_shrink_kernel(
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
     d_ptrs = down_ptr + offs_r[None, :] * stride_dr + offs_k[:, None] * stride_dk  # down.T tile [BLOCK_K, R_PAD]
     if DROPOUT:
-        row_key = dropout_row_key(offs_m, seed)
+        row_key = dropout_row_key(offs_m, tl.load(seed_ptr))
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_in = offs_k < K - k0
@@ -128,20 +145,22 @@ def _lora_shrink_kernel(
     tl.store(out_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-_lora_shrink = autotuned(_lora_shrink_kernel, CONFIGS["shrink"], key=["M", "K", "R"])
+_lora_shrink = Tuned(_lora_shrink_kernel, CONFIGS["shrink"], key=["M", "K", "R"])
 
 
-def lora_shrink(x: torch.Tensor, down: torch.Tensor, p: float = 0.0, seed=0) -> torch.Tensor:
-    """fp32 `[M, r] = dropout_p(x) @ down.T` for x `[M, K]`, down `[r, K]` (any strides)."""
+@triton_op("fastpeft_triton::lora_shrink", mutates_args=())
+def lora_shrink(x: Tensor, down: Tensor, p: float, seed: Tensor) -> Tensor:
+    """fp32 `[M, r] = dropout_p(x) @ down.T` for x `[M, K]`, down `[r, K]` (any strides), the mask keyed by the
+    one-element int64 `seed`."""
     x, down = int32_columns(x), int32_columns(down)
     M, K = x.shape
     R = down.shape[0]
     out = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed, x)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _lora_shrink[family(x.dtype)][grid](x, down, out, M, K, R, x.stride(0), x.stride(1), down.stride(0), down.stride(1),
-                       out.stride(0), seed, threshold, keep_scale, DROPOUT=dropout, R_PAD=_r_pad(R),
-                       PRECISION=precision(x.dtype), UPCAST=INTERPRET)
+    _lora_shrink(x)[grid](x, down, out, M, K, R, x.stride(0), x.stride(1), down.stride(0), down.stride(1),
+                          out.stride(0), seed, threshold, keep_scale, DROPOUT=dropout, R_PAD=_r_pad(R),
+                          PRECISION=precision(x.dtype), UPCAST=interpreting(x))
     return out
 
 
@@ -192,10 +211,11 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
-_lora_forward = autotuned(_lora_forward_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"])
+_lora_forward = Tuned(_lora_forward_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"])
 
 
-def lora_forward(x, w, bias, s_mat, b, scaling: float) -> torch.Tensor:
+@triton_op("fastpeft_triton::lora_forward", mutates_args=())
+def lora_forward(x: Tensor, w: Tensor, bias: Tensor | None, s_mat: Tensor, b: Tensor, scaling: float) -> Tensor:
     """`y [M, N] = x @ w.T + bias + scaling * s_mat @ b.T` in x.dtype; s_mat fp32 `[M, r]`, b `[N, r]`."""
     x, w, b, bias = int32_columns(x), int32_columns(w), int32_columns(b), unit_stride(bias)
     M, K = x.shape
@@ -203,24 +223,24 @@ def lora_forward(x, w, bias, s_mat, b, scaling: float) -> torch.Tensor:
     R = b.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_forward[family(x.dtype)][grid](x, w, bias if bias is not None else x, s_mat, b, y, M, N, K, R,
-                        x.stride(0), x.stride(1), w.stride(0), w.stride(1), s_mat.stride(0), s_mat.stride(1),
-                        b.stride(0), b.stride(1), y.stride(0), y.stride(1), float(scaling),
-                        HAS_BIAS=bias is not None, R_PAD=_r_pad(R), PRECISION=precision(x.dtype),
-                        UPCAST=INTERPRET)
+    _lora_forward(x)[grid](x, w, bias if bias is not None else x, s_mat, b, y, M, N, K, R,
+                           x.stride(0), x.stride(1), w.stride(0), w.stride(1), s_mat.stride(0), s_mat.stride(1),
+                           b.stride(0), b.stride(1), y.stride(0), y.stride(1), float(scaling),
+                           HAS_BIAS=bias is not None, R_PAD=_r_pad(R), PRECISION=precision(x.dtype),
+                           UPCAST=interpreting(x))
     return y
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decode-sized M: y and S in one launch; each program owns an N block and every row.
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def _lora_forward_small_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, s_ptr,  # a [R, K]; S out fp32 [M, R] (written by program 0)
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
     stride_sm,
-    scaling, seed, drop_threshold, keep_scale,
+    scaling, seed_ptr, drop_threshold, keep_scale,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # all M rows, padded to a power of two >= 16 (set by the launcher, not tuned)
@@ -238,7 +258,7 @@ def _lora_forward_small_kernel(
     w_ptrs = w_ptr + (offs_n % N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # w.T tile
     a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # a.T tile [BLOCK_K, R_PAD]
     if DROPOUT:
-        row_key = dropout_row_key(offs_m, seed)
+        row_key = dropout_row_key(offs_m, tl.load(seed_ptr))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -271,12 +291,14 @@ def _lora_forward_small_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
-_lora_forward_small = autotuned(_lora_forward_small_kernel, CONFIGS["small"], key=["M", "N", "K", "R"])
+_lora_forward_small = Tuned(_lora_forward_small_kernel, CONFIGS["small"], key=["M", "N", "K", "R"])
 
 SMALL_M_MAX = 64  # largest M the single-launch decode kernel is meant for
 
 
-def lora_forward_small(x, w, bias, a, b, scaling: float, p: float = 0.0, seed=0):
+@triton_op("fastpeft_triton::lora_forward_small", mutates_args=())
+def lora_forward_small(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float, p: float,
+                       seed: Tensor) -> tuple[Tensor, Tensor]:
     """Decode path (M <= SMALL_M_MAX), one launch: returns (y [M, N] x.dtype, S fp32 [M, r])."""
     x, w, a, b, bias = int32_columns(x), int32_columns(w), int32_columns(a), int32_columns(b), unit_stride(bias)
     M, K = x.shape
@@ -284,15 +306,15 @@ def lora_forward_small(x, w, bias, a, b, scaling: float, p: float = 0.0, seed=0)
     R = a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     s_mat = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed, x)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_forward_small[family(x.dtype)][grid](x, w, bias if bias is not None else x, a, b, y, s_mat, M, N, K, R,
-                              x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
-                              b.stride(0), b.stride(1), y.stride(0), y.stride(1), s_mat.stride(0),
-                              float(scaling), seed, threshold, keep_scale,
-                              HAS_BIAS=bias is not None, DROPOUT=dropout, R_PAD=_r_pad(R),
-                              PRECISION=precision(x.dtype), UPCAST=INTERPRET,
-                              BLOCK_M=max(16, triton.next_power_of_2(M)))
+    _lora_forward_small(x)[grid](x, w, bias if bias is not None else x, a, b, y, s_mat, M, N, K, R,
+                                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
+                                 b.stride(0), b.stride(1), y.stride(0), y.stride(1), s_mat.stride(0),
+                                 float(scaling), seed, threshold, keep_scale,
+                                 HAS_BIAS=bias is not None, DROPOUT=dropout, R_PAD=_r_pad(R),
+                                 PRECISION=precision(x.dtype), UPCAST=interpreting(x),
+                                 BLOCK_M=max(16, triton.next_power_of_2(M)))
     return y, s_mat
 
 
@@ -336,11 +358,12 @@ def _lora_backward_shrink_kernel(
              mask=m_in[:, None] & r_in[None, :])
 
 
-_lora_backward_shrink = autotuned(_lora_backward_shrink_kernel, CONFIGS["backward_shrink"], key=["M", "N", "R"],
-                                  reset_to_zero=["db_ptr"])
+_lora_backward_shrink = Tuned(_lora_backward_shrink_kernel, CONFIGS["backward_shrink"], key=["M", "N", "R"],
+                              reset_to_zero=["db_ptr"])
 
 
-def lora_backward_shrink(dy, b, s_mat, scaling: float):
+@triton_op("fastpeft_triton::lora_backward_shrink", mutates_args=())
+def lora_backward_shrink(dy: Tensor, b: Tensor, s_mat: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     """One pass over dy `[M, N]`: returns (G = s * dy @ b fp32 `[M, r]`, dB = s * dy.T @ S fp32 `[N, r]`).
     dB is summed with fp32 atomics across M blocks (not bit-reproducible run to run)."""
     dy, b = int32_columns(dy), int32_columns(b)
@@ -349,23 +372,23 @@ def lora_backward_shrink(dy, b, s_mat, scaling: float):
     g = torch.empty((M, R), device=dy.device, dtype=torch.float32)
     db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _lora_backward_shrink[family(dy.dtype)][grid](dy, b, s_mat, g, db, M, N, R, dy.stride(0), dy.stride(1), b.stride(0),
-                                b.stride(1), s_mat.stride(0), s_mat.stride(1), g.stride(0), db.stride(0),
-                                float(scaling), R_PAD=_r_pad(R), PRECISION=precision(dy.dtype),
-                                UPCAST=INTERPRET)
+    _lora_backward_shrink(dy)[grid](dy, b, s_mat, g, db, M, N, R, dy.stride(0), dy.stride(1), b.stride(0),
+                                    b.stride(1), s_mat.stride(0), s_mat.stride(1), g.stride(0), db.stride(0),
+                                    float(scaling), R_PAD=_r_pad(R), PRECISION=precision(dy.dtype),
+                                    UPCAST=interpreting(dy))
     return g, db
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backward, part 2 (one GEMM over [M, K] tiles): dx = dy @ w + mask/(1-p) * (G @ a),  dA += G.T @ drop(x)
 # ---------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def _lora_backward_dx_kernel(
     dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,  # G fp32 [M, R], a [R, K]; out dx [M, K], dA fp32 [R, K]
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxm, stride_dxk, stride_dar,
-    seed, drop_threshold, keep_scale,
+    seed_ptr, drop_threshold, keep_scale,
     NEED_DX: tl.constexpr,  # False: only dA (x does not require grad); the dy @ w GEMM is compiled away
     DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -401,7 +424,7 @@ def _lora_backward_dx_kernel(
     if UPCAST:
         x = x.to(tl.float32)
     if DROPOUT:
-        keep = dropout_keep(dropout_row_key(offs_m, seed), dropout_col_key(offs_k), drop_threshold)
+        keep = dropout_keep(dropout_row_key(offs_m, tl.load(seed_ptr)), dropout_col_key(offs_k), drop_threshold)
         x = tl.where(keep, x, 0.0)
     g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_r[None, :] * stride_gr,
                 mask=m_in[:, None] & r_in[None, :], other=0.0)
@@ -423,51 +446,65 @@ def _lora_backward_dx_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mk_in)
 
 
-_lora_backward_dx = autotuned(_lora_backward_dx_kernel, CONFIGS["gemm"], key=["M", "N", "K", "R"],
-                              reset_to_zero=["da_ptr"])
+_lora_backward_dx_tuned = Tuned(_lora_backward_dx_kernel, CONFIGS["dx"], key=["M", "N", "K", "R"],
+                                reset_to_zero=["da_ptr"])
 
 
 def lora_backward_dx(dy, w, g, a, x, p: float, seed, need_dx: bool = True):
     """Returns (dx `[M, K]` x.dtype or None, dA fp32 `[r, K]`) for dy `[M, N]`, w `[N, K]`, G fp32 `[M, r]`,
     a `[r, K]`, x `[M, K]`. dA is summed with fp32 atomics across M blocks."""
+    dx, da = _lora_backward_dx(dy, w, g, a, x, p, seed, need_dx)
+    return (dx if need_dx else None), da
+
+
+@triton_op("fastpeft_triton::lora_backward_dx", mutates_args=())
+def _lora_backward_dx(dy: Tensor, w: Tensor, g: Tensor, a: Tensor, x: Tensor, p: float, seed: Tensor,
+                      need_dx: bool) -> tuple[Tensor, Tensor]:
+    """`lora_backward_dx` as an op, whose outputs are tensors: dx is empty when not `need_dx`."""
     dy, w, a, x = int32_columns(dy), int32_columns(w), int32_columns(a), int32_columns(x)
     M, K = x.shape
     N = dy.shape[1]
     R = a.shape[0]
-    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
     da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
-    seed, threshold, keep_scale, dropout = dropout_args(p, seed)
+    seed, threshold, keep_scale, dropout = dropout_args(p, seed, x)
     dx_arg = dx if need_dx else x  # never written when NEED_DX is False
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-    _lora_backward_dx[family(x.dtype)][grid](dy, w, g, a, x, dx_arg, da, M, N, K, R,
-                            dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), g.stride(0), g.stride(1),
-                            a.stride(0), a.stride(1), x.stride(0), x.stride(1), dx_arg.stride(0),
-                            dx_arg.stride(1), da.stride(0), seed, threshold, keep_scale,
-                            NEED_DX=need_dx, DROPOUT=dropout, R_PAD=_r_pad(R), PRECISION=precision(x.dtype),
-                            UPCAST=INTERPRET)
+    _lora_backward_dx_tuned(x)[grid](dy, w, g, a, x, dx_arg, da, M, N, K, R,
+                                     dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), g.stride(0), g.stride(1),
+                                     a.stride(0), a.stride(1), x.stride(0), x.stride(1), dx_arg.stride(0),
+                                     dx_arg.stride(1), da.stride(0), seed, threshold, keep_scale,
+                                     NEED_DX=need_dx, DROPOUT=dropout, R_PAD=_r_pad(R), PRECISION=precision(x.dtype),
+                                     UPCAST=interpreting(x))
     return dx, da
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry for the ahead-of-time compile test (tests/test_triton_aot.py)
+# Launches that reach every compiled variant (kernels/aot.py builds them for sm_90 / sm_80 in tests/test_triton_aot.py)
 # ---------------------------------------------------------------------------------------------------------------
-def _worst_case(dtype, **extra):
-    return {"R_PAD": 64, "PRECISION": precision(dtype), "UPCAST": False, **extra}
+# Kernels whose main loop is a tensor-core GEMM, with the constexpr that the loop needs ("" for none): their bf16 /
+# fp16 sm_90 builds must issue wgmma inside it (the shrink kernels' BLOCK_M >= 64 is one warpgroup's M).
+WGMMA_LOOPS = {"_lora_shrink_kernel": "", "_lora_forward_kernel": "", "_lora_backward_shrink_kernel": "",
+               "_lora_backward_dx_kernel": "NEED_DX"}
+AOT_DIMENSIONS = {  # worst case first
+    "dtype": (torch.bfloat16, torch.float16, torch.float32),
+    "rank": (64, 32, 16, 8),  # each padded rank; 8 (the common LoRA rank) pads to 16 and is no multiple of 16
+    "dropout": (0.1, 0.0),
+    "bias": (True, False),
+    "decode_rows": (64, 32, 1),  # the decode kernel's BLOCK_M 64 / 32 / 16; one row makes M the constant 1
+    "need_dx": (True, False),
+}
 
 
-_F32 = "*fp32"
-KERNELS = [
-    KernelSpec("lora_shrink", _lora_shrink_kernel, CONFIGS["shrink"], {"out_ptr": _F32},
-               lambda dt: _worst_case(dt, DROPOUT=True), gemm=False),
-    KernelSpec("lora_forward", _lora_forward_kernel, CONFIGS["gemm"], {"s_ptr": _F32},
-               lambda dt: _worst_case(dt, HAS_BIAS=True), gemm=True),
-    KernelSpec("lora_forward_small", _lora_forward_small_kernel, CONFIGS["small"], {"s_ptr": _F32},
-               lambda dt: _worst_case(dt, HAS_BIAS=True, DROPOUT=True, BLOCK_M=SMALL_M_MAX), gemm=False),
-    KernelSpec("lora_backward_shrink", _lora_backward_shrink_kernel, CONFIGS["backward_shrink"],
-               {"s_ptr": _F32, "g_ptr": _F32, "db_ptr": _F32}, lambda dt: _worst_case(dt), gemm=False),
-    KernelSpec("lora_backward_dx", _lora_backward_dx_kernel, CONFIGS["gemm"], {"g_ptr": _F32, "da_ptr": _F32},
-               lambda dt: _worst_case(dt, NEED_DX=True, DROPOUT=True), gemm=True),
-    # The hash-only kernel of kernels/dropout.py (a test hook); its helpers are built into the kernels above.
-    KernelSpec("dropout_hash", dropout_hash_kernel, {"fp32": [config(4, 1, BLOCK=32)]}, {"out_ptr": "*i32"},
-               lambda dt: {}, gemm=False, dtypes=(torch.float32,)),
-]
+def aot_launch(dtype, rank, dropout, bias, decode_rows, need_dx):
+    """Every launcher once, on contiguous 16-aligned operands as a training step hands them over."""
+    m, n, k = 256, 256, 256
+    x, dy, w = (torch.empty(size, dtype=dtype) for size in ((m, k), (m, n), (n, k)))
+    a, b, bias_t = torch.empty(rank, k, dtype=dtype), torch.empty(n, rank, dtype=dtype), torch.empty(n, dtype=dtype)
+    bias_t = bias_t if bias else None
+    s_mat, seed = torch.empty(m, rank), torch.zeros((), dtype=torch.int64)
+    lora_shrink(x, a, dropout, seed)
+    lora_forward(x, w, bias_t, s_mat, b, 2.0)
+    lora_forward_small(x[:decode_rows], w, bias_t, a, b, 2.0, dropout, seed)
+    lora_backward_shrink(dy, b, s_mat, 2.0)
+    lora_backward_dx(dy, w, s_mat, a, x, dropout, seed, need_dx)

@@ -25,17 +25,21 @@ Designed without a GPU at hand: correct under the interpreter and compiled for s
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
 
-from .autotune import INTERPRET, KernelSpec, autotuned, config, family
+from .autotune import Tuned, config
+from .interpreted import interpreting
 from .layout import unit_stride
 
-# [BLOCK_M, BLOCK_NNZ] tiles of 8K elements (a 64-register fp32 accumulator per thread on 4 warps). bf16 / fp16
+# [BLOCK_M, BLOCK_NNZ] tiles of 8K elements on 8 warps (a 32-register fp32 accumulator per thread; on 4 warps the
+# accumulator, the two loaded tiles and their 64-bit pointer tiles spilled, as the AOT test found). bf16 / fp16
 # take BLOCK_M = 128, fp32 BLOCK_M = 64 (256 contiguous bytes of a bt row either way); the second config of each
 # family trades nonzeros for longer rows, for masks whose nonzeros spread over many mask rows.
 CONFIGS = {
     "sddmm": {
-        "lowp": [config(4, 3, BLOCK_NNZ=64, BLOCK_M=128), config(4, 3, BLOCK_NNZ=32, BLOCK_M=256)],
-        "fp32": [config(4, 3, BLOCK_NNZ=128, BLOCK_M=64), config(4, 3, BLOCK_NNZ=64, BLOCK_M=128)],
+        "lowp": [config(8, 3, BLOCK_NNZ=64, BLOCK_M=128), config(8, 3, BLOCK_NNZ=32, BLOCK_M=256)],
+        "fp32": [config(8, 3, BLOCK_NNZ=128, BLOCK_M=64), config(8, 3, BLOCK_NNZ=64, BLOCK_M=128)],
     },
     "scatter": {
         "lowp": [config(4, 1, BLOCK=1024)],
@@ -43,9 +47,9 @@ CONFIGS = {
     },
 }
 # Split M until there are this many programs per streaming multiprocessor, but give a split at least
-# MIN_SPLIT_ROWS rows (small under the interpreter, so that CPU tests cover several splits).
+# MIN_SPLIT_ROWS rows (fewer under the interpreter, so that CPU tests cover several splits).
 PROGRAMS_PER_SM = 4
-MIN_SPLIT_ROWS = 16 if INTERPRET else 512
+MIN_SPLIT_ROWS = {True: 16, False: 512}  # by interpreting
 SPLIT_ALIGN = 16  # rows per split a multiple of 16, so that bt's row offsets are known to be 16-aligned
 
 
@@ -81,17 +85,18 @@ def _sddmm_kernel(
     tl.store(out_ptr + split * NNZ + offs_j, tl.sum(acc, axis=0), mask=j_in)
 
 
-_sddmm = autotuned(_sddmm_kernel, CONFIGS["sddmm"], key=["M", "C", "NNZ"])
+_sddmm = Tuned(_sddmm_kernel, CONFIGS["sddmm"], key=["M", "C", "NNZ"])
 
 
 def _splits(a: torch.Tensor, nnz_blocks: int) -> int:
     """How many row ranges to split M into: enough programs to fill the GPU, each range worth a program."""
     M = a.shape[0]
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
-    return max(1, min(triton.cdiv(M, MIN_SPLIT_ROWS), PROGRAMS_PER_SM * sms // max(nnz_blocks, 1)))
+    return max(1, min(triton.cdiv(M, MIN_SPLIT_ROWS[interpreting(a)]), PROGRAMS_PER_SM * sms // max(nnz_blocks, 1)))
 
 
-def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+@triton_op("fastpeft_triton::sddmm", mutates_args=())
+def sddmm(a: Tensor, b: Tensor, indices: Tensor) -> Tensor:
     """fp32 `[nnz]`: `(a^T b).flatten()[indices]` for a `[M, R]`, b `[M, C]` (any strides), indices sorted flat
     int32 / int64 positions in `[R, C]`."""
     indices = unit_stride(indices)  # a and bt are indexed in int64 (positions are)
@@ -101,15 +106,15 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     if nnz == 0 or M == 0:
         return torch.zeros(nnz, device=a.device, dtype=torch.float32)
     bt = b.t().contiguous()  # [C, M]: each nonzero's column of b is a contiguous row
-    smallest_block = min(c.kwargs["BLOCK_NNZ"] for c in _sddmm[family(a.dtype)].configs)
+    smallest_block = min(c.kwargs["BLOCK_NNZ"] for c in _sddmm.configs_for(a))
     splits = _splits(a, triton.cdiv(nnz, smallest_block))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), SPLIT_ALIGN) * SPLIT_ALIGN
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty((splits, nnz), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_NNZ"]), splits)
-    _sddmm[family(a.dtype)][grid](a, bt, indices, partial, M, C, nnz, rows_per_split, a.stride(0), a.stride(1),
-                                  bt.stride(0))
-    return partial[0] if splits == 1 else partial.sum(0)
+    _sddmm(a)[grid](a, bt, indices, partial, M, C, nnz, rows_per_split, a.stride(0), a.stride(1),
+                    bt.stride(0))
+    return partial.sum(0)  # a copy of the one row when there is one split (an op's output may not be a view)
 
 
 @triton.jit
@@ -141,28 +146,35 @@ def _scatter_kernel(
     tl.store(w_ptr + row * stride_wr + (position - row * C) * stride_wc, rounded, mask=j_in)
 
 
-_scatter = autotuned(_scatter_kernel, CONFIGS["scatter"], key=["NNZ"])
+_scatter = Tuned(_scatter_kernel, CONFIGS["scatter"], key=["NNZ"])
 
 
-def scatter_delta_(weight: torch.Tensor, base_values: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
+@triton_op("fastpeft_triton::scatter_delta_", mutates_args={"weight"})
+def scatter_delta_(weight: Tensor, base_values: Tensor, values: Tensor, indices: Tensor) -> None:
     """weight[divmod(indices, C)] = base_values + values, summed in fp32 and rounded once, in place."""
     nnz = indices.numel()
     if nnz == 0:
-        return weight
+        return
     base_values, values, indices = unit_stride(base_values), unit_stride(values), unit_stride(indices)
     grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK"]),)
-    _scatter[family(weight.dtype)][grid](weight, base_values, values, indices, weight.shape[1], nnz,
-                                         weight.stride(0), weight.stride(1))
-    return weight
+    _scatter(weight)[grid](weight, base_values, values, indices, weight.shape[1], nnz,
+                           weight.stride(0), weight.stride(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry for the ahead-of-time compile test (tests/test_triton_aot.py): int32 and int64 indices, fp32 values.
+# Launches that reach every compiled variant (kernels/aot.py builds them for sm_90 / sm_80 in tests/test_triton_aot.py)
 # ---------------------------------------------------------------------------------------------------------------
-KERNELS = [
-    KernelSpec(f"sparse_delta_{name}_{index}", fn, CONFIGS[name], {"idx_ptr": f"*{index}", **fixed}, lambda dt: {},
-               gemm=False)
-    for index in ("i32", "i64")
-    for name, fn, fixed in (("sddmm", _sddmm_kernel, {"out_ptr": "*fp32"}),
-                            ("scatter", _scatter_kernel, {"values_ptr": "*fp32"}))
-]
+AOT_DIMENSIONS = {  # worst case first
+    "dtype": (torch.bfloat16, torch.float16, torch.float32),
+    "index_dtype": (torch.int64, torch.int32),
+}
+
+
+def aot_launch(dtype, index_dtype):
+    """Both launchers once, on contiguous 16-aligned operands (values fp32, as SparseDeltaLinear keeps them)."""
+    rows, out_features, in_features, nnz = 256, 256, 256, 1024
+    dy, x = torch.empty(rows, out_features, dtype=dtype), torch.empty(rows, in_features, dtype=dtype)
+    indices = torch.arange(nnz, dtype=index_dtype) * 7
+    sddmm(dy, x, indices)
+    scatter_delta_(torch.empty(out_features, in_features, dtype=dtype), torch.empty(nnz, dtype=dtype),
+                   torch.empty(nnz), indices)

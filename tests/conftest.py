@@ -1,15 +1,13 @@
-"""Test set-up: the Triton interpreter on CPU, hypothesis profiles, the `gpu` marker."""
+"""Test set-up: the Triton interpreter's scalar fix for old Triton, hypothesis profiles, the `gpu` marker.
+
+No TRITON_INTERPRET: the Triton launchers run a kernel compiled on CUDA tensors and its interpreted twin on CPU
+tensors (kernels/interpreted.py), so `pytest` and `pytest -m gpu` both pass on a machine with a GPU."""
+import inspect
 import os
 
-# Must precede any import of triton: kernels then run on the CPU through the interpreter.
-if os.environ.get("FASTPEFT_TEST_GPU") != "1":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import inspect  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
 
 
 def _squeeze_scalars_in_old_interpreters() -> None:
@@ -32,8 +30,7 @@ def _squeeze_scalars_in_old_interpreters() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _squeeze_scalars_in_old_interpreters()
+_squeeze_scalars_in_old_interpreters()
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

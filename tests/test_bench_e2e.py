@@ -63,7 +63,7 @@ def test_gradients_are_those_of_the_trainable_parameters_only(report):
 
 def test_every_step_trains_its_parameters_and_computes_no_other_gradient():
     torch.set_num_threads(1)
-    base, tokenizer, train = base_model(1, torch.device("cpu"), torch.float32)
+    base, tokenizer, train = base_model(None, 1, torch.device("cpu"), torch.float32)
     setups, _ = build(base, tokenizer, train, seq=16, search_examples=32)
     data = batch(tokenizer, train, 4, 16, torch.device("cpu"))
     for name, setup in setups.items():
@@ -88,7 +88,7 @@ def test_peak_rss_comes_from_a_process_that_trains_only_that_implementation():
     big = [torch.ones(2**28, dtype=torch.uint8)]  # 256 MiB in this parent, which the children must not report
     bitfit, full = e2e.peak_rss_bytes("bitfit", args), e2e.peak_rss_bytes("full_finetuning", args)
     del big
-    model_bytes = sum(p.nbytes for p in base_model(1, torch.device("cpu"), torch.float32)[0].parameters())
+    model_bytes = sum(p.nbytes for p in base_model(None, 1, torch.device("cpu"), torch.float32)[0].parameters())
     assert model_bytes < bitfit < 2**30
     # Full fine-tuning also holds a gradient and two AdamW moments of every weight.
     assert full - bitfit > 2 * model_bytes

@@ -58,10 +58,19 @@ def test_unknown_backend_from_environment(monkeypatch):
         lora_linear(**args())
 
 
-def test_forced_triton_without_cuda_is_an_error_not_a_fallback(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run: Triton kernels need CUDA"):
+def test_forced_triton_without_triton_is_an_error_not_a_fallback(monkeypatch):
+    from fastpeft import backends
+
+    monkeypatch.setattr(backends, "triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run: Triton is not installed"):
         lora_linear(**args(), backend="triton")
+
+
+def test_forced_triton_on_a_device_it_cannot_run_on_is_an_error():
+    from fastpeft import backends
+
+    with pytest.raises(RuntimeError, match="Triton kernels need CUDA tensors, or CPU tensors for the interpreter"):
+        backends.choose(torch.device("meta"), "triton")
 
 
 def test_forced_ext_when_disabled_is_an_error(monkeypatch):
