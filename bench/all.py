@@ -19,27 +19,26 @@ import time
 import traceback
 from pathlib import Path
 
-# (module, variant suffix, flags) per device; the CPU sizes are the README's CPU tables, the CUDA ones its GPU table.
-RUNS = {
-    "cuda": [
-        ("lora", "", ["--shape", "8192,4096,4096", "--rank", "16", "--dropout", "0.1"]),
-        ("lora", "-p0", ["--shape", "8192,4096,4096", "--rank", "16", "--dropout", "0"]),
-        ("adapter", "", ["--shape", "8192,4096", "--bottleneck", "64", "--dropout", "0.1"]),
-        ("adapter", "-p0", ["--shape", "8192,4096", "--bottleneck", "64", "--dropout", "0"]),
-        ("sparse_delta", "", ["--shape", "8192,4096,4096", "--density", "0.005"]),
-        ("sparse_delta", "-d0.05", ["--shape", "8192,4096,4096", "--density", "0.05"]),
-        ("e2e", "", ["--no-rss"]),
-    ],
-    "cpu": [
-        ("lora", "", ["--shape", "4096,768,768", "--rank", "16", "--dropout", "0.1"]),
-        ("lora", "-p0", ["--shape", "4096,768,768", "--rank", "16", "--dropout", "0"]),
-        ("adapter", "", ["--shape", "4096,768", "--bottleneck", "64", "--dropout", "0.1"]),
-        ("adapter", "-p0", ["--shape", "4096,768", "--bottleneck", "64", "--dropout", "0"]),
-        ("sparse_delta", "", ["--shape", "4096,768,768", "--density", "0.005"]),
-        ("sparse_delta", "-d0.05", ["--shape", "4096,768,768", "--density", "0.05"]),
-        ("e2e", "", []),
-    ],
-}
+# The sizes per device: the CPU ones are the README's CPU tables, the CUDA ones its GPU table.
+SIZES = {"cuda": {"lora": "8192,4096,4096", "adapter": "8192,4096", "sparse_delta": "8192,4096,4096",
+                  "e2e": ["--no-rss"]},
+         "cpu": {"lora": "4096,768,768", "adapter": "4096,768", "sparse_delta": "4096,768,768", "e2e": []}}
+
+
+def _runs(size: dict) -> list[tuple[str, str, list[str]]]:
+    """(module, variant suffix, flags) of every run at one device's sizes."""
+    return [
+        ("lora", "", ["--shape", size["lora"], "--rank", "16", "--dropout", "0.1"]),
+        ("lora", "-p0", ["--shape", size["lora"], "--rank", "16", "--dropout", "0"]),
+        ("adapter", "", ["--shape", size["adapter"], "--bottleneck", "64", "--dropout", "0.1"]),
+        ("adapter", "-p0", ["--shape", size["adapter"], "--bottleneck", "64", "--dropout", "0"]),
+        ("sparse_delta", "", ["--shape", size["sparse_delta"], "--density", "0.005"]),
+        ("sparse_delta", "-d0.05", ["--shape", size["sparse_delta"], "--density", "0.05"]),
+        ("e2e", "", size["e2e"]),
+    ]
+
+
+RUNS = {device: _runs(size) for device, size in SIZES.items()}
 DTYPE = {"cuda": "bfloat16", "cpu": "float32"}
 REPEATS = {"cuda": ["--repeats", "30", "--warmup", "5"], "cpu": []}  # bounded on CUDA; the scripts' defaults on CPU
 QUICK_SHAPES = {"lora": "64,24,40", "adapter": "48,24", "sparse_delta": "48,24,40"}

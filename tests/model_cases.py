@@ -71,6 +71,17 @@ def hidden(model, batch) -> torch.Tensor:
     return model(**batch).last_hidden_state
 
 
+def fused_method_configs(targets: list[str]) -> dict:
+    """The fused methods with dropout on, on `targets` (bottleneck adapters at their Houlsby sites): LoRA, bottleneck
+    adapters, diff pruning's search and (projected by the test) its fixed mask."""
+    from fastpeft import BottleneckConfig, DiffPruningConfig, LoraConfig
+
+    return {"lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets),
+            "bottleneck": BottleneckConfig(placement="houlsby", bottleneck=8, dropout=0.1),
+            "diff-search": DiffPruningConfig(target_modules=targets, density=0.01),
+            "diff-fixed-mask": DiffPruningConfig(target_modules=targets, density=0.01)}
+
+
 @torch.no_grad()
 def randomize_adapter(model, name: str = "default", seed: int = 0) -> None:
     """Give A and B of every layer random values, so the adapter changes the output."""

@@ -6,17 +6,11 @@ autocast entry that every backend shares, on each of them."""
 import pytest
 import torch
 
-from fastpeft import BottleneckConfig, DiffPruningConfig, LoraConfig, inject, project_to_density
-from tests.model_cases import minilm_batch, minilm_classifier
+from fastpeft import inject, project_to_density
+from tests.model_cases import fused_method_configs, minilm_batch, minilm_classifier
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 
-TARGETS = ["query", "output.dense"]
-CONFIGS = {
-    "lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS),
-    "bottleneck": BottleneckConfig(placement="houlsby", bottleneck=8, dropout=0.1),
-    "diff-search": DiffPruningConfig(target_modules=TARGETS, density=0.01),
-    "diff-fixed-mask": DiffPruningConfig(target_modules=TARGETS, density=0.01),
-}
+CONFIGS = fused_method_configs(["query", "output.dense"])
 STEPS = 3
 
 

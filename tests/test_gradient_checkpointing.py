@@ -6,17 +6,11 @@ import warnings
 import pytest
 import torch
 
-from fastpeft import BottleneckConfig, DiffPruningConfig, LoraConfig, inject, project_to_density
-from tests.model_cases import hidden, liven, minilm, minilm_batch
+from fastpeft import inject, project_to_density
+from tests.model_cases import fused_method_configs, hidden, liven, minilm, minilm_batch
 from tests.model_cases import one_thread  # noqa: F401  (autouse fixture)
 
-TARGETS = ["query", "value"]
-CONFIGS = {
-    "lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS),
-    "bottleneck": BottleneckConfig(placement="houlsby", bottleneck=8, dropout=0.1),
-    "diff-search": DiffPruningConfig(target_modules=TARGETS, density=0.01),
-    "diff-fixed-mask": DiffPruningConfig(target_modules=TARGETS, density=0.01),
-}
+CONFIGS = fused_method_configs(["query", "value"])
 
 
 def _gradients(model, batch, recomputed: list) -> list:
