@@ -42,12 +42,10 @@ struct HashMask {
 
   uint32_t row_key(int64_t row) const { return mix32(static_cast<uint32_t>(row) ^ seed); }
 
-  bool keep(uint32_t row_key, int64_t col) const {
-    return mix32(row_key + static_cast<uint32_t>(col) * kGolden) >= threshold;
-  }
+  bool keep(uint32_t row_key, uint32_t col) const { return mix32(row_key + col * kGolden) >= threshold; }
 
   // Multiplier of element (row, col): 1/(1-p) if kept, else 0 (x * 0 keeps torch's -0 / NaN bits).
-  float factor(uint32_t row_key, int64_t col) const { return keep(row_key, col) ? scale : 0.0f; }
+  float factor(uint32_t row_key, uint32_t col) const { return keep(row_key, col) ? scale : 0.0f; }
 };
 
 }  // namespace fastpeft

@@ -38,19 +38,19 @@ constexpr int64_t kElementsPerTask = 16384;  // smallest piece of work handed to
 template <typename T>
 FASTPEFT_CPU_CLONES void forward_row(const HashMask mask, int64_t row, const T* x, int64_t x_step, T* xd,
                                      int64_t K) {
-  const uint32_t key = mask.row_key(row);
+  const uint32_t key = mask.row_key(row), columns = static_cast<uint32_t>(K);  // 32-bit counters: see load_row
   if (x_step == 1) {
-    for (int64_t col = 0; col < K; ++col)
+    for (uint32_t col = 0; col < columns; ++col)
       xd[col] = static_cast<T>(static_cast<float>(x[col]) * mask.factor(key, col));
   } else {
-    for (int64_t col = 0; col < K; ++col)
+    for (uint32_t col = 0; col < columns; ++col)
       xd[col] = static_cast<T>(static_cast<float>(x[col * x_step]) * mask.factor(key, col));
   }
 }
 
 FASTPEFT_CPU_CLONES void mask_row(const HashMask mask, int64_t row, bool* keep, int64_t K) {
-  const uint32_t key = mask.row_key(row);
-  for (int64_t col = 0; col < K; ++col) keep[col] = mask.keep(key, col);
+  const uint32_t key = mask.row_key(row), columns = static_cast<uint32_t>(K);
+  for (uint32_t col = 0; col < columns; ++col) keep[col] = mask.keep(key, col);
 }
 
 // Runs body(row) for every row in [0, rows), split over torch's threads in pieces of >= kElementsPerTask.
@@ -74,9 +74,10 @@ void check_p(double p, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must satisfy 0 <= p < 1, got ", p);
 }
 
-void check_rows(int64_t rows, const char* op) {
-  // The hash keys a row by its uint32 value (a column's uint32 value gives the reference's bits for any K).
+void check_extent(int64_t rows, int64_t cols, const char* op) {
+  // The hash keys a row by its uint32 value; the row kernels count columns in 32 bits.
   TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
+  TORCH_CHECK(cols <= int64_t{0xFFFFFFFF}, op, ": K must be below 2**32, got ", cols);
 }
 
 // xd = x * keep / (1-p), contiguous, in x's dtype (the fp32 product rounded once to it).
@@ -85,14 +86,14 @@ at::Tensor dropout_forward(const at::Tensor& x, const at::Tensor& seed, double p
   check_2d(x, "x", op);
   check_p(p, op);
   check_seed(seed, x, op);
-  check_rows(x.size(0), op);
+  check_extent(x.size(0), x.size(1), op);
   auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.is_meta() || x.numel() == 0) return xd;
   if (x.scalar_type() == at::kHalf) {  // the same numbers: fp32 products, each rounded once to half
     return dropout_forward(x.to(at::kFloat), seed, p).to(at::kHalf);
   }
 
-  const HashMask mask(seed.item<int64_t>(), p);
+  const HashMask mask(seed_value(seed), p);
   const int64_t K = x.size(1);
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -109,7 +110,7 @@ at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optio
   constexpr const char* op = "dropout_mask";
   TORCH_CHECK(M >= 0 && K >= 0, op, ": M and K must be >= 0, got M=", M, ", K=", K);
   check_p(p, op);
-  check_rows(M, op);
+  check_extent(M, K, op);
   const at::Device where = device.value_or(at::kCPU);
   TORCH_CHECK(where.is_cpu() || where.is_meta(), op, ": device must be cpu, got ", where);
   auto keep = at::empty({M, K}, at::TensorOptions().dtype(at::kBool).device(where));

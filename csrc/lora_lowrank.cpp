@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -61,13 +62,30 @@ constexpr int64_t kXCols = kXV * kLanes;          // columns per expand block
 constexpr int64_t kBlockRows = 24;                // rows per panel: a multiple of kMR and kXR
 constexpr int64_t kWorkPerChunk = 1 << 18;        // multiply-adds below which a chunk is not worth a thread
 
-// fp32 scratch on a 32-byte boundary: with rows of a multiple of 8 floats, no vector load splits a cache line.
+// Zeroed fp32 scratch on a 32-byte boundary (small operands, accumulators): with rows of a multiple of 8 floats,
+// no vector load splits a cache line.
 struct Scratch {
   std::vector<Vec> storage;
 
   explicit Scratch(int64_t floats) : storage((floats + kLanes - 1) / kLanes) {}
   float* data() { return reinterpret_cast<float*>(storage.data()); }
+  const float* data() const { return reinterpret_cast<const float*>(storage.data()); }
 };
+
+// This thread's panel buffer of at least `floats`, kept from call to call: panels of a few hundred KiB allocated
+// per call cost an mmap and its page faults each time (glibc maps blocks over 128 KiB). Every kernel writes the
+// panel rows it reads; rows past a block's last, read by a register block and then discarded, hold earlier
+// values (zeros at first), never garbage.
+float* thread_panels(int64_t floats) {
+  thread_local std::unique_ptr<Vec[]> buffer;
+  thread_local int64_t capacity = 0;
+  const int64_t vectors = (floats + kLanes - 1) / kLanes;
+  if (vectors > capacity) {
+    buffer.reset(new Vec[vectors]());
+    capacity = vectors;
+  }
+  return reinterpret_cast<float*>(buffer.get());
+}
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -99,17 +117,22 @@ FASTPEFT_INLINE void load_row(const Strided<T>& src, int64_t row, int64_t n, int
                               bool masked, float* out, float* factors = nullptr) {
   const T* in = src.row(row);
   const int64_t step = src.col_step;
-  if (masked) {
-    const uint32_t key = mask.row_key(row);
-    if (factors != nullptr) {
-      for (int64_t k = 0; k < n; ++k) {
+  if (masked) {  // 32-bit column counters (check_dropout): GCC then vectorizes the hash's k * kGolden, ~1.5x faster
+    const uint32_t key = mask.row_key(row), columns = static_cast<uint32_t>(n);
+    if (factors != nullptr && step == 1) {
+      for (uint32_t k = 0; k < columns; ++k) {
+        factors[k] = mask.factor(key, k);
+        out[k] = static_cast<float>(in[k]) * factors[k];
+      }
+    } else if (factors != nullptr) {
+      for (uint32_t k = 0; k < columns; ++k) {
         factors[k] = mask.factor(key, k);
         out[k] = static_cast<float>(in[k * step]) * factors[k];
       }
     } else if (step == 1) {
-      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k]) * mask.factor(key, k);
+      for (uint32_t k = 0; k < columns; ++k) out[k] = static_cast<float>(in[k]) * mask.factor(key, k);
     } else {
-      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k * step]) * mask.factor(key, k);
+      for (uint32_t k = 0; k < columns; ++k) out[k] = static_cast<float>(in[k * step]) * mask.factor(key, k);
     }
   } else if (step == 1) {
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(in[k]);
@@ -164,7 +187,9 @@ struct RowPrefetcher {
 template <int64_t NV>
 FASTPEFT_INLINE void reduce_block(const float* panel, int64_t ld, const float* small, int64_t small_ld, int64_t n,
                                   float* out, int64_t out_ld, RowPrefetcher& prefetch) {
-  Vec acc[kMR][NV] = {};
+  Vec acc[kMR][NV];
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t v = 0; v < NV; ++v) acc[i][v] = Vec{};  // not `= {}`, which GCC clears with `rep stos` in memory
   for (int64_t c = 0; c < n; ++c) {
     if (c % 2 == 0) prefetch.next();
     Vec sv[NV];
@@ -212,7 +237,9 @@ template <typename T>
 FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, const float* a, int64_t a_ld, T* out,
                                       int64_t out_ld, const float* factors, int64_t f_ld, ExpandInto into,
                                       int64_t rows, int64_t width, RowPrefetcher& prefetch) {
-  Vec acc[kXR][kXV] = {};
+  Vec acc[kXR][kXV];
+  for (int64_t i = 0; i < kXR; ++i)
+    for (int64_t v = 0; v < kXV; ++v) acc[i][v] = Vec{};
   for (int64_t j = 0; j < r; ++j) {
     if (j % 4 == 0) prefetch.next();
     Vec av[kXV];
@@ -293,8 +320,8 @@ FASTPEFT_INLINE void lowrank_out_chunk_body(const Strided<T> x, int64_t K, int64
 }
 FASTPEFT_DISPATCHED(lowrank_out_chunk)
 
-// g[m, :] = dy[m, :] @ b and dbT += dy[m, :]^T s[m, :], with b: [N, r_pad] and s: [M, r_pad] fp32 (both already
-// times scaling), g: [M, r], dbT: [panel_columns(N), r_pad] (this chunk's).
+// g[m, :] = dy[m, :] @ b and dbT += dy[m, :]^T s[m, :], with b: [N, r_pad] (already times scaling) and s:
+// [M, r_pad] fp32, g: [M, r], dbT: [panel_columns(N), r_pad] (this chunk's).
 template <typename T>
 FASTPEFT_INLINE void dy_chunk_body(const Strided<T> dy, int64_t N, const float* b, const float* s, int64_t r,
                                    int64_t r_pad, int64_t m0, int64_t m1, float* g, float* db, float* panel) {
@@ -439,9 +466,10 @@ void check_device(const at::Tensor& t, const char* name, const at::Tensor& first
               " device ", first.device());
 }
 
-void check_dropout(double p, int64_t rows, const char* op) {
+void check_dropout(double p, int64_t rows, int64_t cols, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must satisfy 0 <= p < 1, got ", p);
   TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
+  TORCH_CHECK(cols <= int64_t{0xFFFFFFFF}, op, ": K must be below 2**32, got ", cols);
 }
 
 // A small operand as fp32 (times scale), zero-padded: [rows_padded, cols_padded], row-major.
@@ -452,11 +480,51 @@ void check_dropout(double p, int64_t rows, const char* op) {
 // 128-2048 rows and about 1 ms (3-4%) faster for 4096.
 bool streams_output(int64_t bytes) { return bytes > (int64_t{16} << 20); }
 
-at::Tensor padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padded, double scale = 1.0) {
-  auto out = at::zeros({rows_padded, cols_padded}, t.options().dtype(at::kFloat));
-  auto body = out.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1));
-  body.copy_(t);
-  if (scale != 1.0) body.mul_(scale);
+// A small operand as fp32 (times scale), zero-padded: [rows_padded, cols_padded], row-major. Plain loops, not
+// tensor ops: at the e2e step's sizes the few dispatcher calls of zeros + copy_ + mul_ cost more than the copy.
+Scratch padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padded, double scale = 1.0) {
+  Scratch out(rows_padded * cols_padded);
+  float* o = out.data();
+  const float factor = static_cast<float>(scale);
+  const int64_t rows = t.size(0), cols = t.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "padded_float", [&] {
+    const auto src = strided<scalar_t>(t);
+    // in the source's memory order: a transposed view (a.t(), b.t()) is read down its columns
+    const bool by_rows = src.col_step <= src.row_step;
+    const int64_t outer = by_rows ? rows : cols, inner = by_rows ? cols : rows;
+    const int64_t outer_step = by_rows ? src.row_step : src.col_step, inner_step = by_rows ? src.col_step : src.row_step;
+    const int64_t outer_out = by_rows ? cols_padded : 1, inner_out = by_rows ? 1 : cols_padded;
+    for (int64_t u = 0; u < outer; ++u) {
+      const scalar_t* in = src.data + u * outer_step;
+      float* dst = o + u * outer_out;
+      for (int64_t v = 0; v < inner; ++v) dst[v * inner_out] = static_cast<float>(in[v * inner_step]) * factor;
+    }
+  });
+  return out;
+}
+
+// A [M, r] fp32 operand as the kernels read it, [rows_padded, r_pad] row-major: `t` itself where it already is
+// that (no copy), else a padded copy kept in `copy`.
+const float* rank_rows(const at::Tensor& t, int64_t rows_padded, int64_t r_pad, std::optional<Scratch>& copy) {
+  if (t.size(0) == rows_padded && t.size(1) == r_pad && t.is_contiguous()) return t.const_data_ptr<float>();
+  copy.emplace(padded_float(t, rows_padded, r_pad));
+  return copy->data();
+}
+
+// The chunks' transposed accumulators acc[chunk][c, j] (c < n of a padded n, j < r of r_pad) summed in chunk
+// order, times scale, into a new fp32 [r, n] (`transposed`) or [n, r].
+at::Tensor sum_chunks(const Scratch& acc, int64_t chunks, int64_t chunk_floats, int64_t n, int64_t r, int64_t r_pad,
+                      bool transposed, double scale, const at::TensorOptions& f32) {
+  auto out = transposed ? at::empty({r, n}, f32) : at::empty({n, r}, f32);
+  float* o = out.mutable_data_ptr<float>();
+  const float* a = acc.data();
+  const float factor = static_cast<float>(scale);
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t j = 0; j < r; ++j) {
+      float total = a[c * r_pad + j];
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) total += a[chunk * chunk_floats + c * r_pad + j];
+      o[transposed ? j * n + c : c * r + j] = factor == 1.0f ? total : total * factor;
+    }
   return out;
 }
 
@@ -480,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
                 bias->sizes());
     check_device(*bias, "bias", x, "x", op);
   }
-  check_dropout(p, M, op);
+  check_dropout(p, M, K, op);
   check_seed(seed, x, op);
   auto out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto s = at::empty({M, r}, x.options().dtype(at::kFloat));
@@ -492,19 +560,18 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
   const int64_t r_pad = round_up(r, kLanes);
   const auto aT = padded_float(a.t(), K, r_pad);
   const auto bs = padded_float(b.t(), r, panel_columns(N), scaling);
-  const auto bias32 = bias.has_value() ? std::optional<at::Tensor>(padded_float(bias->view({1, N}), 1, panel_columns(N)))
+  const auto bias32 = bias.has_value() ? std::optional<Scratch>(padded_float(bias->view({1, N}), 1, panel_columns(N)))
                                        : std::nullopt;
-  const HashMask mask(seed.item<int64_t>(), p);
+  const HashMask mask(seed_value(seed), p);
   const Chunks chunks(M, (K + N) * r);
   const bool stream_out = for_gemm && streams_output(x.nbytes() + out.nbytes());
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto xs = strided<scalar_t>(x);
     chunks.run(M, [&](int64_t, int64_t m0, int64_t m1) {
-      Scratch buffers(kBlockRows * panel_stride(K) + kBlockRows * r_pad);
-      lowrank_out_chunk<scalar_t>(xs, K, N, aT.const_data_ptr<float>(), bs.const_data_ptr<float>(),
-                                  bias32 ? bias32->const_data_ptr<float>() : nullptr, r, r_pad, mask, p > 0.0, m0, m1,
-                                  out.mutable_data_ptr<scalar_t>(), stream_out, s.mutable_data_ptr<float>(),
-                                  buffers.data(), buffers.data() + kBlockRows * panel_stride(K));
+      float* panel = thread_panels(kBlockRows * panel_stride(K) + kBlockRows * r_pad);
+      lowrank_out_chunk<scalar_t>(xs, K, N, aT.data(), bs.data(), bias32 ? bias32->data() : nullptr, r, r_pad, mask,
+                                  p > 0.0, m0, m1, out.mutable_data_ptr<scalar_t>(), stream_out,
+                                  s.mutable_data_ptr<float>(), panel, panel + kBlockRows * panel_stride(K));
     });
   });
   return {out, s};
@@ -537,19 +604,19 @@ std::tuple<at::Tensor, at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::
 
   const int64_t r_pad = round_up(r, kLanes);
   const auto b32 = padded_float(b, N, r_pad, scaling);
-  const auto s32 = padded_float(s, M, r_pad, scaling);
+  std::optional<Scratch> s_copy;  // db = scaling * dy^T s: s as it is, the scaling applied to the sum
+  const float* s32 = rank_rows(s, M, r_pad, s_copy);
   const Chunks chunks(M, N * r);
-  auto db_acc = at::zeros({chunks.count, panel_columns(N), r_pad}, f32);
+  const int64_t acc_floats = panel_columns(N) * r_pad;
+  Scratch db_acc(chunks.count * acc_floats);
   FASTPEFT_DISPATCH_FLOAT_TYPES(dy.scalar_type(), op, [&] {
     const auto dys = strided<scalar_t>(dy);
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
-      Scratch panel(kBlockRows * panel_stride(N));
-      dy_chunk<scalar_t>(dys, N, b32.const_data_ptr<float>(), s32.const_data_ptr<float>(), r, r_pad, m0, m1,
-                         g.mutable_data_ptr<float>(), db_acc.mutable_data_ptr<float>() + chunk * db_acc.stride(0),
-                         panel.data());
+      dy_chunk<scalar_t>(dys, N, b32.data(), s32, r, r_pad, m0, m1, g.mutable_data_ptr<float>(),
+                         db_acc.data() + chunk * acc_floats, thread_panels(kBlockRows * panel_stride(N)));
     });
   });
-  return {g, db_acc.sum(0).narrow(0, 0, N).narrow(1, 0, r).contiguous()};
+  return {g, sum_chunks(db_acc, chunks.count, acc_floats, N, r, r_pad, false, scaling, f32)};
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& a,
@@ -578,23 +645,21 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at:
   const auto aT = padded_float(a.t(), K, r_pad);
   const auto b32 = padded_float(b, N, r_pad, scaling);
   const Chunks chunks(M, 4 * (K + N) * r);
-  auto da_acc = at::zeros({chunks.count, panel_columns(K), r_pad}, f32);  // transposed: [K, r] per chunk
-  auto db_acc = at::zeros({chunks.count, panel_columns(N), r_pad}, f32);
+  const int64_t da_floats = panel_columns(K) * r_pad, db_floats = panel_columns(N) * r_pad;
+  Scratch da_acc(chunks.count * da_floats), db_acc(chunks.count * db_floats);  // transposed: [K, r], [N, r]
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto xs = strided<scalar_t>(x), dys = strided<scalar_t>(dy);
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
       const int64_t x_floats = kBlockRows * panel_stride(K), dy_floats = kBlockRows * panel_stride(N);
-      Scratch buffers(x_floats + dy_floats + 2 * kBlockRows * r_pad);
-      float* x_panel = buffers.data();
-      grad_chunk<scalar_t>(xs, dys, K, N, aT.const_data_ptr<float>(), b32.const_data_ptr<float>(),
-                           static_cast<float>(scaling), r_pad, m0, m1,
-                           da_acc.mutable_data_ptr<float>() + chunk * da_acc.stride(0),
-                           db_acc.mutable_data_ptr<float>() + chunk * db_acc.stride(0), x_panel, x_panel + x_floats,
-                           x_panel + x_floats + dy_floats, x_panel + x_floats + dy_floats + kBlockRows * r_pad);
+      float* x_panel = thread_panels(x_floats + dy_floats + 2 * kBlockRows * r_pad);
+      grad_chunk<scalar_t>(xs, dys, K, N, aT.data(), b32.data(), static_cast<float>(scaling), r_pad, m0, m1,
+                           da_acc.data() + chunk * da_floats, db_acc.data() + chunk * db_floats, x_panel,
+                           x_panel + x_floats, x_panel + x_floats + dy_floats,
+                           x_panel + x_floats + dy_floats + kBlockRows * r_pad);
     });
   });
-  return {da_acc.sum(0).narrow(0, 0, K).narrow(1, 0, r).t().contiguous(),
-          db_acc.sum(0).narrow(0, 0, N).narrow(1, 0, r).contiguous()};
+  return {sum_chunks(da_acc, chunks.count, da_floats, K, r, r_pad, true, 1.0, f32),
+          sum_chunks(db_acc, chunks.count, db_floats, N, r, r_pad, false, 1.0, f32)};
 }
 
 // da, and the masked G A into dx when given: the body of lora_dx_pass_ and lora_da_pass (`op` names the caller;
@@ -619,7 +684,7 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
     check_device(*dx, "dx", x, "x", op);
     TORCH_CHECK(dx->is_contiguous(), op, ": dx must be contiguous, got strides ", dx->strides());
   }
-  check_dropout(p, x.size(0), op);
+  check_dropout(p, x.size(0), x.size(1), op);
   check_seed(seed, x, op);
   const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -636,23 +701,23 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
   const bool with_dx = dx.has_value();
   const int64_t r_pad = round_up(r, kLanes), cols = panel_columns(K);
   const auto a32 = padded_float(a, r, cols);
-  const auto g32 = padded_float(g, round_up(M, kXR), r_pad);
-  const HashMask mask(seed.item<int64_t>(), p);
+  std::optional<Scratch> g_copy;  // expand blocks read whole blocks of kXR rows of g
+  const float* g32 = rank_rows(g, round_up(M, kXR), r_pad, g_copy);
+  const HashMask mask(seed_value(seed), p);
   const Chunks chunks(M, (with_dx ? 2 : 1) * K * r);
-  auto da_acc = at::zeros({chunks.count, cols, r_pad}, f32);  // transposed: [K, r] per chunk
+  const int64_t acc_floats = cols * r_pad;
+  Scratch da_acc(chunks.count * acc_floats);  // transposed: [K, r] per chunk
   const bool stream_dx = with_dx && !accumulate && for_gemm && streams_output(x.nbytes() + dx->nbytes());
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dx_pass", [&] {
     const auto xs = strided<scalar_t>(x);
     scalar_t* dx_ptr = with_dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
-      Scratch panels((with_dx && p > 0.0 ? 2 : 1) * kBlockRows * panel_stride(K));
-      dx_chunk<scalar_t>(xs, K, g32.const_data_ptr<float>(), r, r_pad, a32.const_data_ptr<float>(), dx_ptr,
-                         accumulate, stream_dx, mask, p > 0.0, m0, m1,
-                         da_acc.mutable_data_ptr<float>() + chunk * da_acc.stride(0),
-                         panels.data(), panels.data() + kBlockRows * panel_stride(K));
+      float* panel = thread_panels((with_dx && p > 0.0 ? 2 : 1) * kBlockRows * panel_stride(K));
+      dx_chunk<scalar_t>(xs, K, g32, r, r_pad, a32.data(), dx_ptr, accumulate, stream_dx, mask, p > 0.0, m0, m1,
+                         da_acc.data() + chunk * acc_floats, panel, panel + kBlockRows * panel_stride(K));
     });
   });
-  return da_acc.sum(0).narrow(0, 0, K).narrow(1, 0, r).t().contiguous();
+  return sum_chunks(da_acc, chunks.count, acc_floats, K, r, r_pad, true, 1.0, f32);
 }
 
 at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, const at::Tensor& dx,

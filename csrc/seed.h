@@ -15,4 +15,7 @@ inline void check_seed(const at::Tensor& seed, const at::Tensor& x, const char* 
               " on ", seed.device());
 }
 
+// The seed's value, once check_seed has passed a cpu seed: a read, not .item(), which goes through the dispatcher.
+inline int64_t seed_value(const at::Tensor& seed) { return *seed.const_data_ptr<int64_t>(); }
+
 }  // namespace fastpeft
