@@ -26,8 +26,9 @@
 // the rate of MKL's large square GEMMs; against MKL's thin GEMMs s = x a^T 1.4x, g + db 1.6x, da 1.2x faster. The
 // former 4-row kernels without FMA or prefetch were 1.2x (s) to 2.7x (dx with dropout) slower than these. The
 // forward writes bias + low-rank term and the backward the masked G A before the base GEMM accumulates into
-// them (1-4 ms less per step than adding them to its output, which reads that [M, N] tensor back); past 16 MiB
-// those writes stream past the caches (streams_output), so no line of them is read in first.
+// them (1-4 ms less per step than adding them to its output, which reads that [M, N] tensor back). Those writes
+// stay in the cache for the GEMM: streaming them past it (non-temporal stores) made pass + GEMM 0-9% slower at
+// every shape measured, 2048-8192 rows of 384-3072 columns (the dx pass of 2048 x 1536 alone 1.5x slower).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -224,11 +225,10 @@ FASTPEFT_INLINE void rank_block(const float* panel, int64_t ld, int64_t rows, co
 }
 
 // What an expand block adds its product to: the output's own values (`accumulate`), else the row `base` (a bias,
-// fp32, or zeros when null), so that the output is written without being read; then past the caches if `stream`.
+// fp32, or zeros when null), so that the output is written without being read.
 struct ExpandInto {
   bool accumulate;
   const float* base;
-  bool stream = false;
 };
 
 // out[i, c] = into + factors[i, c] * sum_{j < r} g[i, j] * a[j, c] for i < rows (<= kXR), c < width (<= kXCols);
@@ -260,9 +260,7 @@ FASTPEFT_INLINE void expand_add_block(const float* g, int64_t g_ld, int64_t r, c
             store(o, load(o) + term);
             continue;
           }
-          const Vec fresh = (into.base != nullptr ? load(into.base + v * kLanes) : Vec{}) + term;
-          if (into.stream) stream(o, fresh);
-          else store(o, fresh);
+          store(o, (into.base != nullptr ? load(into.base + v * kLanes) : Vec{}) + term);
         }
       }
       return;
@@ -292,14 +290,14 @@ FASTPEFT_INLINE void for_rank_groups(int64_t r_pad, const Block& block) {
 // ---- the chunk kernels: rows [m0, m1) of the large operand ----------------------------------------------
 
 // out[m, :] = bias + dropout(x)[m, :] @ a^T @ bs (written, not read) and s[m, :] = dropout(x)[m, :] @ a^T, with
-// aT: [K, r_pad], bs: [r, panel_columns(N)] (b^T times scaling), bias: fp32 [panel_columns(N)] or null,
+// aT: [K, r_pad], bs: b^T times scaling as expand_operand lays it out, bias: fp32 [panel_columns(N)] or null,
 // sb: [kBlockRows, r_pad] scratch.
 template <typename T>
 FASTPEFT_INLINE void lowrank_out_chunk_body(const Strided<T> x, int64_t K, int64_t N, const float* aT, const float* bs,
                                             const float* bias, int64_t r, int64_t r_pad, const HashMask mask,
-                                            bool masked, int64_t m0, int64_t m1, T* out, bool stream_out, float* s,
+                                            bool masked, int64_t m0, int64_t m1, T* out, float* s,
                                             float* panel, float* sb) {
-  const int64_t ld = panel_stride(K), n_cols = panel_columns(N);
+  const int64_t ld = panel_stride(K);
   for (int64_t m = m0; m < m1; m += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
     load_panel(x, m, rows, rows_padded, K, ld, mask, masked, panel);
@@ -312,11 +310,10 @@ FASTPEFT_INLINE void lowrank_out_chunk_body(const Strided<T> x, int64_t K, int64
     RowPrefetcher none;
     for (int64_t i0 = 0; i0 < rows; i0 += kXR)
       for (int64_t c0 = 0; c0 < N; c0 += kXCols)
-        expand_add_block(sb + i0 * r_pad, r_pad, r, bs + c0, n_cols, out + (m + i0) * N + c0, N, nullptr, 0,
-                         ExpandInto{false, bias != nullptr ? bias + c0 : nullptr, stream_out}, std::min(kXR, rows - i0),
+        expand_add_block(sb + i0 * r_pad, r_pad, r, bs + c0 * r, kXCols, out + (m + i0) * N + c0, N, nullptr, 0,
+                         ExpandInto{false, bias != nullptr ? bias + c0 : nullptr}, std::min(kXR, rows - i0),
                          std::min(kXCols, N - c0), none);
   }
-  stream_fence();
 }
 FASTPEFT_DISPATCHED(lowrank_out_chunk)
 
@@ -384,11 +381,10 @@ FASTPEFT_INLINE void grad_chunk_body(const Strided<T> x, const Strided<T> dy, in
 FASTPEFT_DISPATCHED(grad_chunk)
 
 // daT += dropout(x)[m, :]^T g[m, :] and, when dx, dx[m, :] += factor * (g[m, :] @ a). g: [M padded, r_pad] fp32,
-// a: [r, panel_columns(K)] fp32, daT: [panel_columns(K), r_pad] (this chunk's), dx: [M, K] contiguous or null.
+// a: fp32 as expand_operand lays it out, daT: [panel_columns(K), r_pad] (this chunk's), dx: [M, K] contiguous or null.
 template <typename T>
 FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g, int64_t r, int64_t r_pad,
-                                   const float* a, T* dx, bool accumulate, bool stream_dx, const HashMask mask,
-                                   bool masked,
+                                   const float* a, T* dx, bool accumulate, const HashMask mask, bool masked,
                                    int64_t m0, int64_t m1, float* da, float* panel, float* factors) {
   const int64_t ld = panel_stride(K), cols = panel_columns(K);
   const bool keep_factors = dx != nullptr && masked;
@@ -396,25 +392,23 @@ FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g
     const int64_t rows = std::min(kBlockRows, m1 - m);
     load_panel(x, m, rows, rows, K, ld, mask, masked, panel, keep_factors ? factors : nullptr);
     const int64_t next_rows = std::min(kBlockRows, m1 - m - kBlockRows);
-    // while da's blocks run: this panel's dx rows (about to be written) unless they are streamed past the caches,
-    // else the next panel's x rows; while the dx blocks run: the next x rows if not yet
-    const bool cache_dx = dx != nullptr && !stream_dx;
+    // while da's blocks run: this panel's dx rows (about to be written), or without dx the next panel's x rows;
+    // while the dx blocks run: the next x rows
     const RowPrefetcher next_x(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
-    RowPrefetcher first = cache_dx ? RowPrefetcher(dx, K, 1, m, rows, K, 1) : next_x;
+    RowPrefetcher first = dx != nullptr ? RowPrefetcher(dx, K, 1, m, rows, K, 1) : next_x;
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
       for (int64_t c0 = 0; c0 < cols; c0 += kMC)
         rank_block<decltype(nv)::value>(panel + c0, ld, rows, g + m * r_pad + j0, r_pad, da + c0 * r_pad + j0, r_pad,
                                         first);
     });
     if (dx == nullptr) continue;
-    RowPrefetcher second = cache_dx ? next_x : RowPrefetcher();
+    RowPrefetcher second = next_x;
     for (int64_t i0 = 0; i0 < rows; i0 += kXR)  // g's rows past M are zero (padded)
       for (int64_t c0 = 0; c0 < K; c0 += kXCols)
-        expand_add_block(g + (m + i0) * r_pad, r_pad, r, a + c0, cols, dx + (m + i0) * K + c0, K,
-                         keep_factors ? factors + i0 * ld + c0 : nullptr, ld, ExpandInto{accumulate, nullptr, stream_dx},
+        expand_add_block(g + (m + i0) * r_pad, r_pad, r, a + c0 * r, kXCols, dx + (m + i0) * K + c0, K,
+                         keep_factors ? factors + i0 * ld + c0 : nullptr, ld, ExpandInto{accumulate, nullptr},
                          std::min(kXR, rows - i0), std::min(kXCols, K - c0), second);
   }
-  stream_fence();
 }
 FASTPEFT_DISPATCHED(dx_chunk)
 
@@ -472,13 +466,6 @@ void check_dropout(double p, int64_t rows, int64_t cols, const char* op) {
   TORCH_CHECK(cols <= int64_t{0xFFFFFFFF}, op, ": K must be below 2**32, got ", cols);
 }
 
-// A small operand as fp32 (times scale), zero-padded: [rows_padded, cols_padded], row-major.
-// Whether a pass that moves `bytes` (its large input and output) streams its output past the caches: only when
-// they would not fit in the last-level cache that a core shares anyway (16-32 MiB per core complex on current x86
-// servers; sysconf reports the whole socket's, 256 MiB on this project's EPYC); a smaller output stays cached for
-// the GEMM that reads it back next. Measured with fp32 K = N = 768: streaming made pass + GEMM 1-3% slower for
-// 128-2048 rows and about 1 ms (3-4%) faster for 4096.
-bool streams_output(int64_t bytes) { return bytes > (int64_t{16} << 20); }
 
 // A small operand as fp32 (times scale), zero-padded: [rows_padded, cols_padded], row-major. Plain loops, not
 // tensor ops: at the e2e step's sizes the few dispatcher calls of zeros + copy_ + mul_ cost more than the copy.
@@ -501,6 +488,20 @@ Scratch padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padd
     }
   });
   return out;
+}
+
+// The [r, n] operand of expand blocks as fp32 (times scale), zero-padded to cols_padded columns and stored block by
+// block: the r x kXCols block of columns [c0, c0 + kXCols) at c0 * r, row-major. A block's rows then lie in one
+// run of memory that the prefetchers stream; as rows of the whole [r, n] matrix, 8-16 streams of 96 bytes a
+// row apart, they missed L1 so often that expand blocks over 1536 columns ran 2.5x slower than over 384.
+Scratch expand_operand(const at::Tensor& t, int64_t cols_padded, double scale = 1.0) {
+  const int64_t r = t.size(0);
+  const Scratch rows = padded_float(t, r, cols_padded, scale);
+  Scratch blocks(r * cols_padded);
+  for (int64_t c0 = 0; c0 < cols_padded; c0 += kXCols)
+    for (int64_t j = 0; j < r; ++j)
+      std::memcpy(blocks.data() + c0 * r + j * kXCols, rows.data() + j * cols_padded + c0, kXCols * sizeof(float));
+  return blocks;
 }
 
 // A [M, r] fp32 operand as the kernels read it, [rows_padded, r_pad] row-major: `t` itself where it already is
@@ -530,10 +531,9 @@ at::Tensor sum_chunks(const Scratch& acc, int64_t chunks, int64_t chunk_floats, 
 
 // (out, s): out = bias + scaling * dropout_p(x) @ a^T @ b^T in x's dtype, the starting value of the forward's
 // output (the base GEMM then accumulates into it), and the fp32 shrink s = dropout_p(x) @ a^T, in one read of x.
-// (`for_gemm`: out is the op's result, read next by the GEMM, not a temporary read back at once.)
-std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                                               const std::optional<at::Tensor>& bias, double scaling,
-                                               const at::Tensor& seed, double p, bool for_gemm) {
+std::tuple<at::Tensor, at::Tensor> lora_lowrank_out(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                                                    const std::optional<at::Tensor>& bias, double scaling,
+                                                    const at::Tensor& seed, double p) {
   constexpr const char* op = "lora_lowrank_out";
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(a, "a", "[r, K]", op);
@@ -554,33 +554,26 @@ std::tuple<at::Tensor, at::Tensor> lowrank_out(const at::Tensor& x, const at::Te
   auto s = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (x.is_meta() || (out.numel() == 0 && s.numel() == 0)) return {out, s};
   if (x.scalar_type() == at::kHalf) {  // fp32 arithmetic, out rounded once to half
-    auto [out32, s32] = lowrank_out(x.to(at::kFloat), a, b, bias, scaling, seed, p, false);
+    auto [out32, s32] = lora_lowrank_out(x.to(at::kFloat), a, b, bias, scaling, seed, p);
     return {out32.to(at::kHalf), s32};
   }
   const int64_t r_pad = round_up(r, kLanes);
   const auto aT = padded_float(a.t(), K, r_pad);
-  const auto bs = padded_float(b.t(), r, panel_columns(N), scaling);
+  const auto bs = expand_operand(b.t(), panel_columns(N), scaling);
   const auto bias32 = bias.has_value() ? std::optional<Scratch>(padded_float(bias->view({1, N}), 1, panel_columns(N)))
                                        : std::nullopt;
   const HashMask mask(seed_value(seed), p);
   const Chunks chunks(M, (K + N) * r);
-  const bool stream_out = for_gemm && streams_output(x.nbytes() + out.nbytes());
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto xs = strided<scalar_t>(x);
     chunks.run(M, [&](int64_t, int64_t m0, int64_t m1) {
       float* panel = thread_panels(kBlockRows * panel_stride(K) + kBlockRows * r_pad);
       lowrank_out_chunk<scalar_t>(xs, K, N, aT.data(), bs.data(), bias32 ? bias32->data() : nullptr, r, r_pad, mask,
-                                  p > 0.0, m0, m1, out.mutable_data_ptr<scalar_t>(), stream_out,
+                                  p > 0.0, m0, m1, out.mutable_data_ptr<scalar_t>(),
                                   s.mutable_data_ptr<float>(), panel, panel + kBlockRows * panel_stride(K));
     });
   });
   return {out, s};
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_lowrank_out(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                                                    const std::optional<at::Tensor>& bias, double scaling,
-                                                    const at::Tensor& seed, double p) {
-  return lowrank_out(x, a, b, bias, scaling, seed, p, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_dy_pass(const at::Tensor& dy, const at::Tensor& b, const at::Tensor& s,
@@ -662,11 +655,9 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& x, const at:
           sum_chunks(db_acc, chunks.count, db_floats, N, r, r_pad, false, 1.0, f32)};
 }
 
-// da, and the masked G A into dx when given: the body of lora_dx_pass_ and lora_da_pass (`op` names the caller;
-// `for_gemm`: dx is the op's, read next by the GEMM, not a temporary read back at once).
+// da, and the masked G A into dx when given: the body of lora_dx_pass_ and lora_da_pass (`op` names the caller).
 at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
-                   const std::optional<at::Tensor>& dx, const at::Tensor& seed, double p, bool accumulate,
-                   bool for_gemm) {
+                   const std::optional<at::Tensor>& dx, const at::Tensor& seed, double p, bool accumulate) {
   check_matrix(x, "x", "[M, K]", op);
   check_matrix(g, "g", "[M, r]", op);
   check_float32(g, "g", op);
@@ -691,29 +682,28 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
   if (x.is_meta()) return at::empty({r, K}, f32);
   if (M == 0 || K == 0 || r == 0) return at::zeros({r, K}, f32);
   if (x.scalar_type() == at::kHalf) {  // fp32 arithmetic, dx rounded once to half
-    if (!dx.has_value()) return dx_pass(op, x.to(at::kFloat), g, a, std::nullopt, seed, p, accumulate, false);
+    if (!dx.has_value()) return dx_pass(op, x.to(at::kFloat), g, a, std::nullopt, seed, p, accumulate);
     auto dx_float = accumulate ? dx->to(at::kFloat) : at::empty(dx->sizes(), f32);
-    auto da = dx_pass(op, x.to(at::kFloat), g, a, dx_float, seed, p, accumulate, false);
+    auto da = dx_pass(op, x.to(at::kFloat), g, a, dx_float, seed, p, accumulate);
     dx->copy_(dx_float);
     return da;
   }
 
   const bool with_dx = dx.has_value();
   const int64_t r_pad = round_up(r, kLanes), cols = panel_columns(K);
-  const auto a32 = padded_float(a, r, cols);
+  const auto a32 = expand_operand(a, cols);
   std::optional<Scratch> g_copy;  // expand blocks read whole blocks of kXR rows of g
   const float* g32 = rank_rows(g, round_up(M, kXR), r_pad, g_copy);
   const HashMask mask(seed_value(seed), p);
   const Chunks chunks(M, (with_dx ? 2 : 1) * K * r);
   const int64_t acc_floats = cols * r_pad;
   Scratch da_acc(chunks.count * acc_floats);  // transposed: [K, r] per chunk
-  const bool stream_dx = with_dx && !accumulate && for_gemm && streams_output(x.nbytes() + dx->nbytes());
   FASTPEFT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dx_pass", [&] {
     const auto xs = strided<scalar_t>(x);
     scalar_t* dx_ptr = with_dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
     chunks.run(M, [&](int64_t chunk, int64_t m0, int64_t m1) {
       float* panel = thread_panels((with_dx && p > 0.0 ? 2 : 1) * kBlockRows * panel_stride(K));
-      dx_chunk<scalar_t>(xs, K, g32, r, r_pad, a32.data(), dx_ptr, accumulate, stream_dx, mask, p > 0.0, m0, m1,
+      dx_chunk<scalar_t>(xs, K, g32, r, r_pad, a32.data(), dx_ptr, accumulate, mask, p > 0.0, m0, m1,
                          da_acc.data() + chunk * acc_floats, panel, panel + kBlockRows * panel_stride(K));
     });
   });
@@ -722,13 +712,13 @@ at::Tensor dx_pass(const char* op, const at::Tensor& x, const at::Tensor& g, con
 
 at::Tensor lora_dx_pass_(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, const at::Tensor& dx,
                          const at::Tensor& seed, double p, bool accumulate) {
-  return dx_pass("lora_dx_pass_", x, g, a, dx, seed, p, accumulate, true);
+  return dx_pass("lora_dx_pass_", x, g, a, dx, seed, p, accumulate);
 }
 
 // A separate op rather than lora_dx_pass_ with no dx: inductor mishandles a mutable argument that is None.
 at::Tensor lora_da_pass(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, const at::Tensor& seed,
                         double p) {
-  return dx_pass("lora_da_pass", x, g, a, std::nullopt, seed, p, false, false);
+  return dx_pass("lora_da_pass", x, g, a, std::nullopt, seed, p, false);
 }
 
 }  // namespace

@@ -5,9 +5,6 @@
 
 #include <cstdint>
 #include <cstring>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #define FASTPEFT_INLINE inline __attribute__((always_inline))
 
@@ -55,28 +52,6 @@ FASTPEFT_INLINE Vec load(const float* p) {
 }
 
 FASTPEFT_INLINE void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
-
-// A store that bypasses the caches where p is 16-byte aligned (x86: two SSE streaming stores, valid in every CPU
-// clone), so writing an output that is not read first costs no read of its lines; a plain store elsewhere.
-// Call stream_fence() before the written memory is handed on.
-FASTPEFT_INLINE void stream(float* p, const Vec& v) {
-#if defined(__x86_64__)
-  if ((reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-    __m128 half[2];
-    std::memcpy(half, &v, sizeof v);
-    _mm_stream_ps(p, half[0]);
-    _mm_stream_ps(p + 4, half[1]);
-    return;
-  }
-#endif
-  store(p, v);
-}
-
-FASTPEFT_INLINE void stream_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
-}
 
 // The lanes' sum in a fixed order, so results do not depend on the compiler's choices.
 FASTPEFT_INLINE float lane_sum(const Vec& v) {
