@@ -66,8 +66,22 @@ def train(model: nn.Module, data: list[dict], wrap=lambda m: m, penalty=None) ->
 
 
 def trained(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters (full tensors), by name."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters (full tensors; FSDP2's shards gathered, a collective), by name."""
+    def whole(p):
+        return p.full_tensor() if hasattr(p, "full_tensor") else p
+    return {name: whole(p).detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def fixed_mask(out: str) -> nn.Module:
+    """Diff pruning's fixed-mask stage from the mask the DDP run projected, with values of about the size of the
+    weights' entries: a delta missing from a forward or a backward would change the training far beyond rounding."""
+    model = fastpeft.load_adapter(base(), f"{out}/ddp-diff_pruning-projected")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".values"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -122,6 +136,20 @@ def fsdp(out: str, rank: int) -> None:
         save_file({"logits": logits}, f"{out}/fsdp-lora-logits.safetensors")
 
 
+def fsdp_diff_pruning(out: str, rank: int) -> None:
+    """Diff pruning's fixed mask trained under FSDP2 (every layer and the model sharded), then saved on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.barrier()  # rank 0 wrote the projected adapter in ddp() without waiting
+    model = fixed_mask(out)
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    train(model, batches(rows_of(rank)))
+    save_file(trained(model), f"{out}/fsdp-diff_pruning-rank{rank}.safetensors")
+    fastpeft.save_adapter(model, f"{out}/fsdp-diff_pruning")
+
+
 def dropout_masks(out: str, rank: int) -> None:
     """One LoRA layer with dropout 0.5 after the same manual_seed on every rank: its initial adapter weights, the mask
     its forward drew and the mask its backward used. A = B = I and scaling 1 make the LoRA branch of the output the
@@ -152,6 +180,7 @@ def main(out: str) -> None:
             ddp(out, method, rank)
         accelerated(out, rank)
         fsdp(out, rank)
+        fsdp_diff_pruning(out, rank)
     finally:
         dist.destroy_process_group()
 

@@ -1,7 +1,8 @@
 """Training under torch.distributed on 2 CPU processes (gloo), one torchrun launch of tests/distributed_worker.py for
 the module: DDP (also through accelerate) trains LoRA, bottleneck adapters and diff pruning to what one process
 computes on the same global batch; FSDP2's sharded LoRA saves as whole tensors that load into one process with the
-same outputs; dropout masks differ between ranks while everything else starts and stays alike."""
+same outputs, and FSDP2 trains diff pruning's fixed mask as one process does; dropout masks differ between ranks
+while everything else starts and stays alike."""
 import functools
 import os
 import subprocess
@@ -73,6 +74,22 @@ def test_ddp_diff_pruning_search_and_fixed_mask_match_one_process(runs):
     start = worker.trained(model)
     worker.train(model, worker.batches())
     assert_trained_alike(rank_files(runs, "ddp-diff_pruning")[0], start, worker.trained(model))
+
+
+def test_fsdp2_trains_diff_pruning_fixed_mask_as_one_process_and_saves_it_whole(runs):
+    """The fixed-mask layer keeps its delta in the base weight, which FSDP2 gathers anew for the backward: under
+    FSDP2 the delta is added out of place, so training matches one process (large values make a missing delta show)."""
+    ranks = rank_files(runs, "fsdp-diff_pruning")
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    model = worker.fixed_mask(runs)
+    start = worker.trained(model)
+    worker.train(model, worker.batches())
+    assert_trained_alike(ranks[0], start, worker.trained(model))
+    saved = worker.trained(loaded(os.path.join(runs, "fsdp-diff_pruning")))
+    assert saved.keys() == ranks[0].keys()
+    for name, value in saved.items():
+        assert torch.equal(value, ranks[0][name]), name
 
 
 def test_save_adapter_is_written_by_rank_0_and_needs_no_other_rank_without_sharding(runs):
