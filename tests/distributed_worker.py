@@ -136,6 +136,25 @@ def fsdp(out: str, rank: int) -> None:
         save_file({"logits": logits}, f"{out}/fsdp-lora-logits.safetensors")
 
 
+def trainer_ddp(out: str, rank: int) -> None:
+    """LoRA under the stock transformers.Trainer, which wraps the model in DDP under torchrun, with fastpeft's
+    AdapterCheckpoints callback; every rank writes the trainable tensors it ends with."""
+    from transformers import Trainer, TrainingArguments
+
+    from fastpeft.hf_trainer import AdapterCheckpoints
+
+    model = classifier("lora")
+    data = [{"input_ids": ids, "labels": label} for batch in batches() for ids, label in
+            zip(batch["input_ids"], batch["labels"])]
+    args = TrainingArguments(output_dir=f"{out}/trainer", max_steps=STEPS, save_steps=STEPS,
+                             per_device_train_batch_size=ROWS // WORLD, learning_rate=1e-2, seed=0, use_cpu=True,
+                             ddp_backend="gloo", report_to="none", disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCheckpoints()])
+    trainer.train()
+    save_file(trained(model), f"{out}/trainer-lora-rank{rank}.safetensors",
+              metadata={"world_size": str(args.world_size), "wrapper": type(trainer.model_wrapped).__name__})
+
+
 def fsdp_diff_pruning(out: str, rank: int) -> None:
     """Diff pruning's fixed mask trained under FSDP2 (every layer and the model sharded), then saved on every rank."""
     from torch.distributed.fsdp import fully_shard
@@ -181,6 +200,7 @@ def main(out: str) -> None:
         accelerated(out, rank)
         fsdp(out, rank)
         fsdp_diff_pruning(out, rank)
+        trainer_ddp(out, rank)
     finally:
         dist.destroy_process_group()
 

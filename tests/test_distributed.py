@@ -1,8 +1,9 @@
 """Training under torch.distributed on 2 CPU processes (gloo), one torchrun launch of tests/distributed_worker.py for
 the module: DDP (also through accelerate) trains LoRA, bottleneck adapters and diff pruning to what one process
 computes on the same global batch; FSDP2's sharded LoRA saves as whole tensors that load into one process with the
-same outputs, and FSDP2 trains diff pruning's fixed mask as one process does; dropout masks differ between ranks
-while everything else starts and stays alike."""
+same outputs, and FSDP2 trains diff pruning's fixed mask as one process does; the stock transformers.Trainer wraps a
+LoRA model in DDP and checkpoints its adapter; dropout masks differ between ranks while everything else starts and
+stays alike."""
 import functools
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fastpeft
@@ -89,6 +91,21 @@ def test_fsdp2_trains_diff_pruning_fixed_mask_as_one_process_and_saves_it_whole(
     saved = worker.trained(loaded(os.path.join(runs, "fsdp-diff_pruning")))
     assert saved.keys() == ranks[0].keys()
     for name, value in saved.items():
+        assert torch.equal(value, ranks[0][name]), name
+
+
+def test_trainer_under_ddp_trains_alike_on_both_ranks_and_checkpoints_the_adapter(runs):
+    for rank in range(worker.WORLD):
+        with safe_open(os.path.join(runs, f"trainer-lora-rank{rank}.safetensors"), "pt") as f:
+            assert f.metadata() == {"world_size": "2", "wrapper": "DistributedDataParallel"}
+    ranks = rank_files(runs, "trainer-lora")
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name  # each rank trained on its half of every global batch
+    start = worker.trained(worker.classifier("lora"))
+    assert max((ranks[0][name] - start[name]).abs().max().item() for name in start) > 1e-4
+    checkpoint = os.path.join(runs, "trainer", f"checkpoint-{worker.STEPS}")
+    assert worker.trained(loaded(checkpoint)).keys() == ranks[0].keys()
+    for name, value in worker.trained(loaded(checkpoint)).items():
         assert torch.equal(value, ranks[0][name]), name
 
 
