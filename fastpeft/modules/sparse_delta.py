@@ -149,13 +149,14 @@ class SparseDeltaLinear(nn.Module):
             return self.base_layer(x)
         if not self.merged:  # the weight is W0: the reference path adds the delta (correct, slower)
             return sparse_delta_linear_ref(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
-        if getattr(self, "_is_fsdp_managed_module", False):  # set by fully_shard on every module it manages
-            # FSDP gathers the base weight from its shards for the forward and again for the backward, so a delta
-            # scattered into the forward's copy would be missing from the backward's: add it out of place, to W0
-            # restored at the mask (the shards may hold the delta scattered before sharding).
-            weight0 = weight.detach().flatten().index_copy(0, self.indices.long(), self.base_values)
-            return sparse_delta_linear_ref(x, weight0.view(weight.shape), bias, self.values, self.indices,
-                                           self.fan_in_fan_out)
+        if getattr(self, "_is_fsdp_managed_module", False) or torch.compiler.is_compiling():
+            # FSDP (fully_shard marks the modules it manages) gathers the base weight from its shards for the
+            # forward and again for the backward, so a delta scattered into the forward's copy would be missing
+            # from the backward's; torch.compile cannot trace sync()'s host-side check. Both merge out of place:
+            # the scatter's numbers in a copy of the weight, the values' gradient still the SDDMM.
+            delta = (self.base_values.float() + self.values.detach().float()).to(weight.dtype)
+            merged = weight.detach().reshape(-1).index_copy(0, self.indices.long(), delta).view(weight.shape)
+            return sparse_delta_linear(x, merged, bias, self.values, self.indices, self.fan_in_fan_out)
         self.sync()
         return sparse_delta_linear(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
 
