@@ -13,6 +13,18 @@ NUM_VIRTUAL_TOKENS_OPTION = dict(default=20, help="learned virtual tokens: in fr
 # --encoder-method, one flag for the runs that adapt the encoder with a second method beside their own.
 ENCODER_METHOD_OPTION = dict(default="lora", help="the method that also adapts the encoder, with its own flags and "
                                                   "their defaults (none: the encoder stays frozen)")
+PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layouts fastpeft writes
+# Where PEFT reads each size from a transformers config, in its order of preference (prompt and prefix tuning).
+MODEL_SIZES = {"num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+               "token_dim": ("hidden_size", "n_embd", "d_model"),
+               "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+
+
+def peft_defaults(peft_type: str) -> dict:
+    """The keys of a peft config that fastpeft does not model, at peft's defaults, for the simpler methods (LoRA's
+    config has many more)."""
+    return {"auto_mapping": None, "inference_mode": True, "peft_type": peft_type,
+            "peft_version": PEFT_FORMAT_VERSION, "revision": None}
 
 
 def check_pattern(name: str, key) -> None:

@@ -3,15 +3,14 @@ creation, and its conversion to and from the dict that peft 0.21 writes."""
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from fastpeft.methods.config import (SEQ_CLS_HEADS, TASK_TYPES, check_pattern, construct, names, normalise_targets,
-                                     refuse_nulls)
+from fastpeft.methods.config import (PEFT_FORMAT_VERSION, SEQ_CLS_HEADS, TASK_TYPES, check_pattern, construct,
+                                     names, normalise_targets, refuse_nulls)
 from fastpeft.modules import lora_args
 
 BIASES = ("none", "all", "lora_only")
 # PEFT's init_lora_weights values; fastpeft can initialise the first three itself, the others only load trained weights.
 INITS_SUPPORTED = (True, False, "gaussian")
 INITS_PEFT = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
-PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layout this writes
 
 # The remaining keys of peft 0.21's LoraConfig.to_dict(), at their defaults.
 PEFT_DEFAULTS = {

@@ -3,19 +3,14 @@ validated on creation, filled from the model's config (num_layers, token_dim, nu
 encoder_hidden_size) as PEFT fills them, and converted to and from the dict that peft 0.21 writes."""
 from dataclasses import dataclass, replace
 
-from fastpeft.methods.config import SEQ_CLS_HEADS, TASK_TYPES, PeftFileConfig, names
+from fastpeft.methods.config import (MODEL_SIZES, SEQ_CLS_HEADS, TASK_TYPES, PeftFileConfig, names,
+                                     peft_defaults)
 
 PEFT_TYPE = "PREFIX_TUNING"
 # The prefixes go into the self-attention of one stack: encoder-decoder models (PEFT's 2 submodules) are not supported.
 UNSUPPORTED_TASKS = ("SEQ_2_SEQ_LM",)
 INIT_WEIGHTS = (None, "zero")  # PEFT's init_weights: random (nn.Embedding's N(0, 1)) or zeros
-PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layout this writes
-PEFT_DEFAULTS = {"auto_mapping": None, "inference_mode": True, "peft_type": PEFT_TYPE,
-                 "peft_version": PEFT_FORMAT_VERSION, "revision": None}
-# Where PEFT reads each size from the model's config, in its order of preference.
-MODEL_SIZES = {"num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
-               "token_dim": ("hidden_size", "n_embd", "d_model"),
-               "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+PEFT_DEFAULTS = peft_defaults(PEFT_TYPE)
 
 
 @dataclass(frozen=True)

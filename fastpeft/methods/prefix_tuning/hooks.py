@@ -15,12 +15,12 @@
   versions then call the cache's `update` once and pass the mask through to the attention function alike.
 Hooks are partials of module-level functions (no closures), so that copy.deepcopy and pickling carry them along."""
 import functools
-import inspect
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from fastpeft.methods.call_args import as_keywords
 from fastpeft.methods.prefix_tuning.encoder import ATTRIBUTE, PrefixEncoders
 from fastpeft.methods.prefix_tuning.sites import CACHE_ARGUMENTS, Sites, cache_parameter
 
@@ -63,7 +63,7 @@ def prefix_cache(argument: str, model: nn.Module, args: tuple, kwargs: dict):
     encoder = encoders.active()
     if encoder is None:
         return None
-    kwargs = {**_as_keywords(model, args), **kwargs}
+    kwargs = {**as_keywords(model, args), **kwargs}
     n = encoder.embedding.num_embeddings
     mask = kwargs.get("attention_mask")
     if mask is not None:
@@ -91,18 +91,6 @@ def prefix_cache(argument: str, model: nn.Module, args: tuple, kwargs: dict):
     return (), kwargs
 
 
-def _as_keywords(module: nn.Module, args: tuple) -> dict:
-    """Positional arguments of the module's forward by name (the hooks edit them by name)."""
-    if not args:
-        return {}
-    parameters = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(args) > len(parameters):
-        raise TypeError(f"{type(module).__name__}.forward takes {len(parameters)} positional arguments, got "
-                        f"{len(args)}")
-    return dict(zip(parameters, args))
-
-
 # -------------------------------------------------------------------------------------------------- attention path
 class PrefixRows:
     """Stands in for one self-attention call's cache argument: such a module's one use of a cache is `update`, which
@@ -123,7 +111,7 @@ def prefix_attention(argument: str, layer: int, encoders: PrefixEncoders, module
     encoder = encoders.active()
     if encoder is None:
         return None
-    kwargs = {**_as_keywords(module, args), **kwargs}
+    kwargs = {**as_keywords(module, args), **kwargs}
     if any(kwargs.get(k) is not None for k in CACHE_ARGUMENTS):
         raise ValueError(f"prefix tuning on {type(module).__name__} does not combine with a key / value cache "
                          f"(use_cache): it puts the prefix in front of each call's own keys")

@@ -3,20 +3,15 @@ validated on creation, filled from the model (token_dim, num_layers, num_attenti
 converted to and from the dict that peft 0.21 writes."""
 from dataclasses import dataclass, replace
 
-from fastpeft.methods.config import SEQ_CLS_HEADS, TASK_TYPES, PeftFileConfig, names
+from fastpeft.methods.config import (MODEL_SIZES, SEQ_CLS_HEADS, TASK_TYPES, PeftFileConfig, names,
+                                     peft_defaults)
 
 PEFT_TYPE = "PROMPT_TUNING"  # the peft_type of its PEFT files
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")  # PEFT's PromptTuningInit values
 # Prompts go in front of one token sequence: encoder-decoder models (PEFT's 2 submodules) are not supported, and
 # question answering's start / end positions would need shifting past the prompt.
 UNSUPPORTED_TASKS = ("SEQ_2_SEQ_LM", "QUESTION_ANS")
-PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layout this writes
-PEFT_DEFAULTS = {"auto_mapping": None, "inference_mode": True, "peft_type": PEFT_TYPE,
-                 "peft_version": PEFT_FORMAT_VERSION, "revision": None}
-# Where PEFT reads each size from the model's config, in its order of preference.
-MODEL_SIZES = {"token_dim": ("hidden_size", "n_embd", "d_model"),
-               "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
-               "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+PEFT_DEFAULTS = peft_defaults(PEFT_TYPE)
 
 
 @dataclass(frozen=True)

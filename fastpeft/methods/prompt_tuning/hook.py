@@ -17,11 +17,11 @@ What PEFT does, and where this differs:
 - labels: -100 in front of per-token labels (CAUSAL_LM, TOKEN_CLS), so no loss is computed at virtual positions.
 """
 import functools
-import inspect
 
 import torch
 from torch import nn
 
+from fastpeft.methods.call_args import as_keywords
 from fastpeft.methods.record import record
 
 PER_TOKEN_LABELS = ("CAUSAL_LM", "TOKEN_CLS")
@@ -53,7 +53,7 @@ def prepend_prompt(path: str, model: nn.Module, args: tuple, kwargs: dict):
     prompt = wrapper.active_prompt()
     if prompt is None:
         return None
-    kwargs = {**_as_keywords(model, args), **kwargs}
+    kwargs = {**as_keywords(model, args), **kwargs}
     n = prompt.shape[0]
     mask = kwargs.get("attention_mask")
     if mask is not None:
@@ -85,17 +85,6 @@ def prepend_prompt(path: str, model: nn.Module, args: tuple, kwargs: dict):
     if labels is not None and entry is not None and entry.config.task_type in PER_TOKEN_LABELS:
         kwargs["labels"] = torch.cat([labels.new_full((*labels.shape[:-1], n), IGNORE_INDEX), labels], dim=-1)
     return (), kwargs
-
-
-def _as_keywords(model: nn.Module, args: tuple) -> dict:
-    """Positional arguments of the model's forward by name (the hook edits them by name)."""
-    if not args:
-        return {}
-    parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(args) > len(parameters):
-        raise TypeError(f"{type(model).__name__}.forward takes {len(parameters)} positional arguments, got {len(args)}")
-    return dict(zip(parameters, args))
 
 
 def _continues_cache(kwargs: dict) -> bool:

@@ -2,12 +2,10 @@
 on creation, and converted to and from the dict that peft 0.21 writes."""
 from dataclasses import dataclass, replace
 
-from fastpeft.methods.config import TASK_TYPES, PeftFileConfig, normalise_targets
+from fastpeft.methods.config import TASK_TYPES, PeftFileConfig, normalise_targets, peft_defaults
 
 PEFT_TYPE = "TRAINABLE_TOKENS"
-PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layout this writes
-PEFT_DEFAULTS = {"auto_mapping": None, "inference_mode": True, "peft_type": PEFT_TYPE,
-                 "peft_version": PEFT_FORMAT_VERSION, "revision": None}
+PEFT_DEFAULTS = peft_defaults(PEFT_TYPE)
 
 
 @dataclass(frozen=True)
