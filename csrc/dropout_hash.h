@@ -6,6 +6,8 @@
 // branch-free so that column loops over them vectorize.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 
 namespace fastpeft {
@@ -18,6 +20,12 @@ namespace fastpeft {
 #endif
 
 constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// The hash keys a row by its uint32 value, and the row kernels count columns in 32 bits.
+inline void check_mask_extent(int64_t rows, int64_t cols, const char* op) {
+  TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
+  TORCH_CHECK(cols <= int64_t{0xFFFFFFFF}, op, ": K must be below 2**32, got ", cols);
+}
 
 // MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche.
 inline uint32_t mix32(uint32_t h) {

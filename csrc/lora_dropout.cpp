@@ -74,19 +74,13 @@ void check_p(double p, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must satisfy 0 <= p < 1, got ", p);
 }
 
-void check_extent(int64_t rows, int64_t cols, const char* op) {
-  // The hash keys a row by its uint32 value; the row kernels count columns in 32 bits.
-  TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
-  TORCH_CHECK(cols <= int64_t{0xFFFFFFFF}, op, ": K must be below 2**32, got ", cols);
-}
-
 // xd = x * keep / (1-p), contiguous, in x's dtype (the fp32 product rounded once to it).
 at::Tensor dropout_forward(const at::Tensor& x, const at::Tensor& seed, double p) {
   constexpr const char* op = "dropout_forward";
   check_2d(x, "x", op);
   check_p(p, op);
   check_seed(seed, x, op);
-  check_extent(x.size(0), x.size(1), op);
+  check_mask_extent(x.size(0), x.size(1), op);
   auto xd = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.is_meta() || x.numel() == 0) return xd;
   if (x.scalar_type() == at::kHalf) {  // the same numbers: fp32 products, each rounded once to half
@@ -110,7 +104,7 @@ at::Tensor dropout_mask(int64_t seed, int64_t M, int64_t K, double p, std::optio
   constexpr const char* op = "dropout_mask";
   TORCH_CHECK(M >= 0 && K >= 0, op, ": M and K must be >= 0, got M=", M, ", K=", K);
   check_p(p, op);
-  check_extent(M, K, op);
+  check_mask_extent(M, K, op);
   const at::Device where = device.value_or(at::kCPU);
   TORCH_CHECK(where.is_cpu() || where.is_meta(), op, ": device must be cpu, got ", where);
   auto keep = at::empty({M, K}, at::TensorOptions().dtype(at::kBool).device(where));

@@ -118,7 +118,7 @@ FASTPEFT_INLINE void load_row(const Strided<T>& src, int64_t row, int64_t n, int
                               bool masked, float* out, float* factors = nullptr) {
   const T* in = src.row(row);
   const int64_t step = src.col_step;
-  if (masked) {  // 32-bit column counters (check_dropout): GCC then vectorizes the hash's k * kGolden, ~1.5x faster
+  if (masked) {  // 32-bit column counters (check_mask_extent): GCC then vectorizes the hash's k * kGolden, ~1.5x faster
     const uint32_t key = mask.row_key(row), columns = static_cast<uint32_t>(n);
     if (factors != nullptr && step == 1) {
       for (uint32_t k = 0; k < columns; ++k) {
@@ -462,29 +462,31 @@ void check_device(const at::Tensor& t, const char* name, const at::Tensor& first
 
 void check_dropout(double p, int64_t rows, int64_t cols, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must satisfy 0 <= p < 1, got ", p);
-  TORCH_CHECK(rows <= int64_t{0xFFFFFFFF}, op, ": M must be below 2**32, got ", rows);
-  TORCH_CHECK(cols <= int64_t{0xFFFFFFFF}, op, ": K must be below 2**32, got ", cols);
+  check_mask_extent(rows, cols, op);
 }
 
 
 // A small operand as fp32 (times scale), zero-padded: [rows_padded, cols_padded], row-major. Plain loops, not
 // tensor ops: at the e2e step's sizes the few dispatcher calls of zeros + copy_ + mul_ cost more than the copy.
-Scratch padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padded, double scale = 1.0) {
+// block_cols > 0: stored block by block instead, the rows_padded x block_cols block of columns [c0, c0 + block_cols)
+// at c0 * rows_padded, row-major (see expand_operand).
+Scratch padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padded, double scale = 1.0,
+                     int64_t block_cols = 0) {
   Scratch out(rows_padded * cols_padded);
   float* o = out.data();
   const float factor = static_cast<float>(scale);
   const int64_t rows = t.size(0), cols = t.size(1);
+  const auto position = [&](int64_t i, int64_t j) {
+    return block_cols > 0 ? (j - j % block_cols) * rows_padded + i * block_cols + j % block_cols : i * cols_padded + j;
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "padded_float", [&] {
     const auto src = strided<scalar_t>(t);
-    // in the source's memory order: a transposed view (a.t(), b.t()) is read down its columns
-    const bool by_rows = src.col_step <= src.row_step;
-    const int64_t outer = by_rows ? rows : cols, inner = by_rows ? cols : rows;
-    const int64_t outer_step = by_rows ? src.row_step : src.col_step, inner_step = by_rows ? src.col_step : src.row_step;
-    const int64_t outer_out = by_rows ? cols_padded : 1, inner_out = by_rows ? 1 : cols_padded;
-    for (int64_t u = 0; u < outer; ++u) {
-      const scalar_t* in = src.data + u * outer_step;
-      float* dst = o + u * outer_out;
-      for (int64_t v = 0; v < inner; ++v) dst[v * inner_out] = static_cast<float>(in[v * inner_step]) * factor;
+    if (src.col_step <= src.row_step) {  // in the source's memory order: a transposed view is read down its columns
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j) o[position(i, j)] = static_cast<float>(src.row(i)[j * src.col_step]) * factor;
+    } else {
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t i = 0; i < rows; ++i) o[position(i, j)] = static_cast<float>(src.row(i)[j * src.col_step]) * factor;
     }
   });
   return out;
@@ -495,13 +497,7 @@ Scratch padded_float(const at::Tensor& t, int64_t rows_padded, int64_t cols_padd
 // run of memory that the prefetchers stream; read as rows of the whole [r, n] matrix (8-16 pieces of 96 bytes,
 // 6 KiB apart for n = 1536), those loads drew a quarter of the dx pass's samples in perf at 2048 x 1536.
 Scratch expand_operand(const at::Tensor& t, int64_t cols_padded, double scale = 1.0) {
-  const int64_t r = t.size(0);
-  const Scratch rows = padded_float(t, r, cols_padded, scale);
-  Scratch blocks(r * cols_padded);
-  for (int64_t c0 = 0; c0 < cols_padded; c0 += kXCols)
-    for (int64_t j = 0; j < r; ++j)
-      std::memcpy(blocks.data() + c0 * r + j * kXCols, rows.data() + j * cols_padded + c0, kXCols * sizeof(float));
-  return blocks;
+  return padded_float(t, t.size(0), cols_padded, scale, kXCols);
 }
 
 // A [M, r] fp32 operand as the kernels read it, [rows_padded, r_pad] row-major: `t` itself where it already is

@@ -15,7 +15,7 @@ from fastpeft import backends
 from fastpeft.modules.linear import is_conv1d, linear_features
 from fastpeft.ops import checks
 from fastpeft.ops.sparse_delta import (check_index_tensor, check_indices, index_dtype, scatter_delta_,
-                                       sparse_delta_linear, sparse_delta_linear_ref)
+                                       scatter_delta_ref, sparse_delta_linear, sparse_delta_linear_ref)
 
 # When must a merged layer scatter `values` into its weight again? Three things change `values`:
 #  - an in-place op through autograd's view of the tensor (SGD, foreach / for-loop Adam, load_state_dict's copy_,
@@ -149,13 +149,12 @@ class SparseDeltaLinear(nn.Module):
             return self.base_layer(x)
         if not self.merged:  # the weight is W0: the reference path adds the delta (correct, slower)
             return sparse_delta_linear_ref(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
-        if getattr(self, "_is_fsdp_managed_module", False) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.__dict__.get("_is_fsdp_managed_module", False):
             # FSDP (fully_shard marks the modules it manages) gathers the base weight from its shards for the
             # forward and again for the backward, so a delta scattered into the forward's copy would be missing
             # from the backward's; torch.compile cannot trace sync()'s host-side check. Both merge out of place:
             # the scatter's numbers in a copy of the weight, the values' gradient still the SDDMM.
-            delta = (self.base_values.float() + self.values.detach().float()).to(weight.dtype)
-            merged = weight.detach().reshape(-1).index_copy(0, self.indices.long(), delta).view(weight.shape)
+            merged = scatter_delta_ref(weight.detach().clone(), self.base_values, self.values.detach(), self.indices)
             return sparse_delta_linear(x, merged, bias, self.values, self.indices, self.fan_in_fan_out)
         self.sync()
         return sparse_delta_linear(x, weight, bias, self.values, self.indices, self.fan_in_fan_out)
