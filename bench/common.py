@@ -7,6 +7,9 @@ samples are CUDA-event times, the device synchronised before and after each call
 released after the clock stops, so freeing the autograd graph is not timed.
 On a shared CPU, `--threads 1` avoids OpenMP threads waiting on each other behind other processes' work.
 
+Heap: `setup` keeps the memory a step frees in the process (fastpeft.heap; `--trimmed-heap` leaves glibc's default,
+under which every step faults its activations' pages in again), for every implementation of the run alike.
+
 Memory: `saved_bytes` counts the tensors a forward saves for backward (`torch.autograd.graph.saved_tensors_hooks`),
 each storage once; on CUDA `peak_bytes` adds the growth of `torch.cuda.max_memory_allocated` over a call.
 
@@ -28,6 +31,8 @@ from typing import Callable, Hashable, Iterable
 
 import torch
 
+from fastpeft.heap import keep_freed_heap
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Largest max|got - exact| / max|exact| accepted by `check_close`: a sanity check that the implementations
@@ -43,6 +48,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first; default 3")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--trimmed-heap", action="store_true",
+                        help="leave glibc's malloc giving freed memory back to the kernel (its default): every step "
+                             "faults its pages in again (default: fastpeft.heap.keep_freed_heap, for every "
+                             "implementation alike, as fastpeft's training loop does)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (file or directory)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (file or directory)")
 
@@ -67,6 +76,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    args.heap_kept = not args.trimmed_heap and keep_freed_heap()
     torch.manual_seed(args.seed)
     return torch.device(args.device), DTYPES[args.dtype]
 
@@ -179,7 +189,8 @@ def make_report(op: str, args: argparse.Namespace, shape: dict, params: dict, re
     device = torch.device(args.device)
     return {
         "op": op, "device": args.device, "device_name": device_name(device), "dtype": args.dtype, "shape": shape,
-        "params": {**params, "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads()},
+        "params": {**params, "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                   "heap_kept": args.heap_kept},
         "torch": torch.__version__, "triton": package_version("triton"), "results": results, "ratios": ratios,
     }
 

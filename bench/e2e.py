@@ -77,6 +77,7 @@ def size_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
              "--threads", str(args.threads or torch.get_num_threads())]
     optional = {"--model": args.model, "--layers": args.layers, "--search-examples": args.search_examples}
+    flags += ["--trimmed-heap"] if args.trimmed_heap else []
     return flags + [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
 
 

@@ -13,8 +13,8 @@
 // Every kernel walks blocks of rows of the large operand: the rows are converted to fp32 (and masked, each mask
 // bit hashed once) into a panel, then register-blocked multiply-add kernels run GEMM's outer-product scheme on it,
 // the accumulators in registers and every load feeding several multiply-adds:
-//   reduce_block  out[i, j] = sum_c panel[i, c] * small[c, j]     kMR rows x 16 ranks   (s, g)
-//   rank_block    out[c, j] += sum_i panel[i, c] * small[i, j]    kMC columns x 16 ranks (db, da^T)
+//   reduce_block  out[i, j] = sum_c panel[i, c] * small[c, j]     6 rows x 16 ranks or 12 x 8      (s, g)
+//   rank_block    out[c, j] += sum_i panel[i, c] * small[i, j]    6 columns x 16 ranks or 12 x 8   (db, da^T)
 //   expand_add_block  out[i, c] (+)= f[i, c] sum_j g[i, j] a[j, c]  kXR rows x kXV vectors (out, dx)
 // Ranks are padded to a multiple of 8 and taken 16 (or a last 8) at a time. Sums run in fp32 in a fixed order
 // whatever the input dtype. Rows are split into at most one chunk per thread; each chunk owns its da / db
@@ -55,12 +55,17 @@ namespace {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// Register blocks (AVX2 has 16 vector registers): 6 x 2 accumulators + 2 operands + 1 broadcast for reduce /
-// rank blocks, 4 x 3 + 3 + 1 for expand blocks.
-constexpr int64_t kMR = 6, kMC = 6, kXR = 4, kXV = 3;
+// Register blocks (AVX2 has 16 vector registers): 6 x 2 or 12 x 1 accumulators + their operands + 1 broadcast
+// for reduce / rank blocks, 4 x 3 + 3 + 1 for expand blocks.
+constexpr int64_t kXR = 4, kXV = 3;
+// Rows (reduce) or columns (rank) of a register block of NV vectors of ranks: 12 for a group of 8 ranks, where 6
+// accumulators alone could not cover the FMA's latency (4-5 cycles at two FMAs a cycle) and left it waiting.
+template <int64_t NV>
+constexpr int64_t kLines = NV == 1 ? 12 : 6;
+constexpr int64_t kMaxLines = 12;                 // rows of a panel are padded to a multiple of it
 constexpr int64_t kRankGroup = 16;                // ranks per reduce / rank block
 constexpr int64_t kXCols = kXV * kLanes;          // columns per expand block
-constexpr int64_t kBlockRows = 24;                // rows per panel: a multiple of kMR and kXR
+constexpr int64_t kBlockRows = 24;                // rows per panel: a multiple of kMaxLines and kXR
 constexpr int64_t kWorkPerChunk = 1 << 18;        // multiply-adds below which a chunk is not worth a thread
 
 // Zeroed fp32 scratch on a 32-byte boundary (small operands, accumulators): with rows of a multiple of 8 floats,
@@ -90,7 +95,7 @@ float* thread_panels(int64_t floats) {
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// Columns of a panel with n columns, zero-padded to whole blocks of every kernel (a multiple of 6, 8 and 24).
+// Columns of a panel with n columns, zero-padded to whole blocks of every kernel (a multiple of 6, 8, 12 and 24).
 int64_t panel_columns(int64_t n) { return round_up(n, kXCols); }
 
 // Row stride of a panel: its columns plus two vectors, so that rows of a power-of-two length do not all fall into
@@ -184,10 +189,11 @@ struct RowPrefetcher {
 
 // ---- register blocks ------------------------------------------------------------------------------------
 
-// out[i, v-th vector] = sum_{c < n} panel[i, c] * small[c, v-th vector], i < kMR.
+// out[i, v-th vector] = sum_{c < n} panel[i, c] * small[c, v-th vector], i < kLines<NV>.
 template <int64_t NV>
 FASTPEFT_INLINE void reduce_block(const float* panel, int64_t ld, const float* small, int64_t small_ld, int64_t n,
                                   float* out, int64_t out_ld, RowPrefetcher& prefetch) {
+  constexpr int64_t kMR = kLines<NV>;
   Vec acc[kMR][NV];
   for (int64_t i = 0; i < kMR; ++i)
     for (int64_t v = 0; v < NV; ++v) acc[i][v] = Vec{};  // not `= {}`, which GCC clears with `rep stos` in memory
@@ -204,10 +210,11 @@ FASTPEFT_INLINE void reduce_block(const float* panel, int64_t ld, const float* s
     for (int64_t v = 0; v < NV; ++v) store(out + i * out_ld + v * kLanes, acc[i][v]);
 }
 
-// out[c, v-th vector] += sum_{i < rows} panel[i, c] * small[i, v-th vector], c < kMC.
+// out[c, v-th vector] += sum_{i < rows} panel[i, c] * small[i, v-th vector], c < kLines<NV>.
 template <int64_t NV>
 FASTPEFT_INLINE void rank_block(const float* panel, int64_t ld, int64_t rows, const float* small, int64_t small_ld,
                                 float* out, int64_t out_ld, RowPrefetcher& prefetch) {
+  constexpr int64_t kMC = kLines<NV>;
   Vec acc[kMC][NV];
   for (int64_t c = 0; c < kMC; ++c)
     for (int64_t v = 0; v < NV; ++v) acc[c][v] = load(out + c * out_ld + v * kLanes);
@@ -299,12 +306,13 @@ FASTPEFT_INLINE void lowrank_out_chunk_body(const Strided<T> x, int64_t K, int64
                                             float* panel, float* sb) {
   const int64_t ld = panel_stride(K);
   for (int64_t m = m0; m < m1; m += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
+    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMaxLines);
     load_panel(x, m, rows, rows_padded, K, ld, mask, masked, panel);
     RowPrefetcher next(x.data, x.row_step, x.col_step, m + kBlockRows, std::min(kBlockRows, m1 - m - kBlockRows), K);
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
-      for (int64_t i0 = 0; i0 < rows_padded; i0 += kMR)
-        reduce_block<decltype(nv)::value>(panel + i0 * ld, ld, aT + j0, r_pad, K, sb + i0 * r_pad + j0, r_pad, next);
+      constexpr int64_t NV = decltype(nv)::value;
+      for (int64_t i0 = 0; i0 < rows_padded; i0 += kLines<NV>)
+        reduce_block<NV>(panel + i0 * ld, ld, aT + j0, r_pad, K, sb + i0 * r_pad + j0, r_pad, next);
     });
     for (int64_t i = 0; i < rows; ++i) std::memcpy(s + (m + i) * r, sb + i * r_pad, r * sizeof(float));
     RowPrefetcher none;
@@ -324,20 +332,20 @@ FASTPEFT_INLINE void dy_chunk_body(const Strided<T> dy, int64_t N, const float* 
                                    int64_t r_pad, int64_t m0, int64_t m1, float* g, float* db, float* panel) {
   const HashMask no_mask(0, 0.0);
   const int64_t ld = panel_stride(N), cols = panel_columns(N);
-  alignas(32) float out[kMR * kRankGroup];
+  alignas(32) float out[kMaxLines * kRankGroup];
   for (int64_t m = m0; m < m1; m += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
+    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMaxLines);
     load_panel(dy, m, rows, rows_padded, N, ld, no_mask, false, panel);
     RowPrefetcher next(dy.data, dy.row_step, dy.col_step, m + kBlockRows, std::min(kBlockRows, m1 - m - kBlockRows), N);
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
       constexpr int64_t NV = decltype(nv)::value;
       const int64_t ranks = std::min(kRankGroup, r - j0);
-      for (int64_t i0 = 0; i0 < rows; i0 += kMR) {
+      for (int64_t i0 = 0; i0 < rows; i0 += kLines<NV>) {
         reduce_block<NV>(panel + i0 * ld, ld, b + j0, r_pad, N, out, kRankGroup, next);
-        for (int64_t i = 0; i < std::min(kMR, rows - i0); ++i)
+        for (int64_t i = 0; i < std::min(kLines<NV>, rows - i0); ++i)
           for (int64_t j = 0; j < ranks; ++j) g[(m + i0 + i) * r + j0 + j] = out[i * kRankGroup + j];
       }
-      for (int64_t c0 = 0; c0 < cols; c0 += kMC)
+      for (int64_t c0 = 0; c0 < cols; c0 += kLines<NV>)
         rank_block<NV>(panel + c0, ld, rows, s + m * r_pad + j0, r_pad, db + c0 * r_pad + j0, r_pad, next);
     });
   }
@@ -355,7 +363,7 @@ FASTPEFT_INLINE void grad_chunk_body(const Strided<T> x, const Strided<T> dy, in
   const HashMask no_mask(0, 0.0);
   const int64_t x_ld = panel_stride(K), dy_ld = panel_stride(N);
   for (int64_t m = m0; m < m1; m += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMR);
+    const int64_t rows = std::min(kBlockRows, m1 - m), rows_padded = round_up(rows, kMaxLines);
     const int64_t next_rows = std::min(kBlockRows, m1 - m - kBlockRows);
     load_panel(x, m, rows, rows_padded, K, x_ld, no_mask, false, x_panel);
     load_panel(dy, m, rows, rows_padded, N, dy_ld, no_mask, false, dy_panel);
@@ -363,7 +371,7 @@ FASTPEFT_INLINE void grad_chunk_body(const Strided<T> x, const Strided<T> dy, in
     RowPrefetcher next_dy(dy.data, dy.row_step, dy.col_step, m + kBlockRows, next_rows, N);
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
       constexpr int64_t NV = decltype(nv)::value;
-      for (int64_t i0 = 0; i0 < rows_padded; i0 += kMR) {
+      for (int64_t i0 = 0; i0 < rows_padded; i0 += kLines<NV>) {
         reduce_block<NV>(x_panel + i0 * x_ld, x_ld, aT + j0, r_pad, K, sb + i0 * r_pad + j0, r_pad, next_x);
         reduce_block<NV>(dy_panel + i0 * dy_ld, dy_ld, b + j0, r_pad, N, gb + i0 * r_pad + j0, r_pad, next_dy);
       }
@@ -371,9 +379,9 @@ FASTPEFT_INLINE void grad_chunk_body(const Strided<T> x, const Strided<T> dy, in
     for (int64_t i = 0; i < rows * r_pad; ++i) sb[i] *= scaling;
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
       constexpr int64_t NV = decltype(nv)::value;
-      for (int64_t c0 = 0; c0 < panel_columns(N); c0 += kMC)
+      for (int64_t c0 = 0; c0 < panel_columns(N); c0 += kLines<NV>)
         rank_block<NV>(dy_panel + c0, dy_ld, rows, sb + j0, r_pad, db + c0 * r_pad + j0, r_pad, next_dy);
-      for (int64_t c0 = 0; c0 < panel_columns(K); c0 += kMC)
+      for (int64_t c0 = 0; c0 < panel_columns(K); c0 += kLines<NV>)
         rank_block<NV>(x_panel + c0, x_ld, rows, gb + j0, r_pad, da + c0 * r_pad + j0, r_pad, next_x);
     });
   }
@@ -397,8 +405,9 @@ FASTPEFT_INLINE void dx_chunk_body(const Strided<T> x, int64_t K, const float* g
     const RowPrefetcher next_x(x.data, x.row_step, x.col_step, m + kBlockRows, next_rows, K);
     RowPrefetcher first = dx != nullptr ? RowPrefetcher(dx, K, 1, m, rows, K, 1) : next_x;
     for_rank_groups(r_pad, [&](auto nv, int64_t j0) __attribute__((always_inline)) {
-      for (int64_t c0 = 0; c0 < cols; c0 += kMC)
-        rank_block<decltype(nv)::value>(panel + c0, ld, rows, g + m * r_pad + j0, r_pad, da + c0 * r_pad + j0, r_pad,
+      constexpr int64_t NV = decltype(nv)::value;
+      for (int64_t c0 = 0; c0 < cols; c0 += kLines<NV>)
+        rank_block<NV>(panel + c0, ld, rows, g + m * r_pad + j0, r_pad, da + c0 * r_pad + j0, r_pad,
                                         first);
     });
     if (dx == nullptr) continue;
