@@ -91,8 +91,9 @@ def train(model: nn.Module, data: EncodedText, epochs: int = 3, lr: float = 1e-3
           penalty: Callable[[], torch.Tensor] | None = None, desc: str = "fine-tuning",
           lr_scales: dict[str, float] | None = None) -> TrainResult:
     """Fine-tune the parameters that require grad, minimising the model's loss plus `penalty()` (if given, called
-    at every step); batches are reshuffled every epoch. Freed CPU memory stays in the process (fastpeft.heap). `losses` are the model's losses, without the penalty.
-    `lr_scales` maps a parameter-name suffix to a multiple of `lr` for the parameters whose names end with it."""
+    at every step); batches are reshuffled every epoch; freed CPU memory stays in the process (fastpeft.heap).
+    `losses` are the model's losses, without the penalty. `lr_scales` maps a parameter-name suffix to a multiple of
+    `lr` for the parameters whose names end with it."""
     keep_freed_heap()
     optimizer = torch.optim.AdamW(param_groups(model, lr, lr_scales or {}), lr=lr)
     total = epochs * math.ceil(len(data) / batch_size)

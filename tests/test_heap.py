@@ -7,8 +7,8 @@ import pytest
 
 # Allocates and frees 64 MiB in 8 MiB blocks, one step's activations, for 8 steps, then prints the page faults of the
 # last 4. glibc's default trims the freed top of its heap, so every step faults its 16 thousand pages in again,
-# except in about a third of processes, where a small block left above the 64 MiB keeps them in; kept, the heap stops
-# growing within the first three steps, in every process.
+# except in about a third of processes, where they stay (the heap's layout differs from process to process); kept,
+# the heap stops growing within the first three steps, in every process.
 STEPS = """
 import resource, sys, torch
 from fastpeft.heap import keep_freed_heap

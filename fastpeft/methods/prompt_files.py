@@ -16,7 +16,8 @@ SAVED_PREFIX = "base_model."
 
 def tensors(model: nn.Module, name: str, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
     """The file's tensors: adapter `name`'s `prompt` and its modules_to_save."""
-    return {PROMPT_KEY: prompt, **{SAVED_PREFIX + key: value for key, value in saved_modules.state(model, name).items()}}
+    saved = saved_modules.state(model, name)
+    return {PROMPT_KEY: prompt, **{SAVED_PREFIX + key: value for key, value in saved.items()}}
 
 
 def entries(prompt: Entry, saved: list[tuple[str, nn.Module]], name: str) -> dict[str, Entry]:
