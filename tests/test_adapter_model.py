@@ -390,7 +390,7 @@ def test_train_method_adapter_end_to_end(tmp_path, capsys):
     assert "reloaded" in printed and "merged" not in printed and "all checks passed" in printed
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["method"], config["placement"], config["bottleneck"]) == ("bottleneck", "pfeiffer", 16)
-    assert config["modules_to_save"] == ["classifier", "score"]
+    assert config["modules_to_save"] == ["classifier", "pre_classifier", "score"]
 
 
 def test_demo_method_adapter_is_wired_through(monkeypatch):

@@ -47,7 +47,7 @@ def test_train_end_to_end(tmp_path, tiny_csv):
     assert "HF PEFT" in done.stdout and "all checks passed" in done.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and sorted(config["target_modules"]) == ["query", "value"]
-    assert config["modules_to_save"] == ["classifier", "score"]
+    assert config["modules_to_save"] == ["classifier", "pre_classifier", "score"]
     assert (out / "adapter_model.safetensors").is_file()
 
 
@@ -206,7 +206,7 @@ def test_train_method_diff_end_to_end(tmp_path, capsys, tiny_csv):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["method"], config["density"], config["target_modules"]) == ("diff_pruning", 0.05,
                                                                                ["query", "value"])
-    assert config["modules_to_save"] == ["classifier", "score"]
+    assert config["modules_to_save"] == ["classifier", "pre_classifier", "score"]
 
 
 def test_demo_method_diff_is_wired_through(monkeypatch):

@@ -6,14 +6,16 @@ from dataclasses import MISSING, asdict, fields, replace
 
 ALL_LINEAR = "all-linear"
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-SEQ_CLS_HEADS = ("classifier", "score")  # the head of transformers' *ForSequenceClassification models
+# The heads of transformers' *ForSequenceClassification models, as peft 0.22 lists them (DistilBERT's pre_classifier
+# is as new and untrained as its classifier).
+SEQ_CLS_HEADS = ("classifier", "score", "pre_classifier")
 # The command line's --num-virtual-tokens, one flag for the methods that take it (prompt and prefix tuning).
 NUM_VIRTUAL_TOKENS_OPTION = dict(default=20, help="learned virtual tokens: in front of the input (prompt tuning), of "
                                                   "every attention layer's keys and values (prefix tuning)")
 # --encoder-method, one flag for the runs that adapt the encoder with a second method beside their own.
 ENCODER_METHOD_OPTION = dict(default="lora", help="the method that also adapts the encoder, with its own flags and "
                                                   "their defaults (none: the encoder stays frozen)")
-PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose adapter_config.json layouts fastpeft writes
+PEFT_FORMAT_VERSION = "0.22.0"  # the peft release whose adapter_config.json layouts fastpeft writes
 # Where PEFT reads each size from a transformers config, in its order of preference (prompt and prefix tuning).
 MODEL_SIZES = {"num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
                "token_dim": ("hidden_size", "n_embd", "d_model"),

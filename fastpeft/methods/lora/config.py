@@ -1,5 +1,5 @@
 """`LoraConfig`: PEFT's LoRA config fields (so configs and `adapter_config.json` files carry over), validated on
-creation, and its conversion to and from the dict that peft 0.21 writes."""
+creation, and its conversion to and from the dict that peft 0.22 writes."""
 import re
 from dataclasses import dataclass, field, fields, replace
 
@@ -10,11 +10,11 @@ from fastpeft.modules import lora_args
 BIASES = ("none", "all", "lora_only")
 # PEFT's init_lora_weights values; fastpeft can initialise the first three itself, the others only load trained weights.
 INITS_SUPPORTED = (True, False, "gaussian")
-INITS_PEFT = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
+INITS_PEFT = ("eva", "olora", "pissa", "corda", "astra", "loftq", "orthogonal", "mica", "nora")
 
-# The remaining keys of peft 0.21's LoraConfig.to_dict(), at their defaults.
+# The remaining keys of peft 0.22's LoraConfig.to_dict(), at their defaults.
 PEFT_DEFAULTS = {
-    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
+    "alora_invocation_tokens": None, "arrow_config": None, "astra_config": None, "auto_mapping": None, "corda_config": None,
     "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
     "inference_mode": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
     "layers_to_transform": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,

@@ -39,8 +39,8 @@ class PrefixTuningMethod(Method):
         return f"prefix tuning: {config.num_virtual_tokens} virtual tokens in every attention layer{through}"
 
     def peft_config(self, config: PrefixTuningConfig):
-        # PEFT 0.21 refuses prefix tuning on the demo's MiniLM (BERT) under transformers 5.25 ("does not support past
-        # key values"), and under 5.17 numbers the tokens after the prefix, which we do not on BERT: no comparison.
+        # peft 0.21 refuses prefix tuning on the demo's MiniLM (BERT) under transformers 5.25 ("does not support past
+        # key values"), and PEFT otherwise numbers the tokens after the prefix, which we do not on BERT: no comparison.
         return None
 
     def planned_paths(self, model: nn.Module, config: PrefixTuningConfig) -> set[str]:

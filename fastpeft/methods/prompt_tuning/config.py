@@ -1,6 +1,6 @@
 """`PromptTuningConfig`: PEFT's prompt tuning config fields (so configs and `adapter_config.json` files carry over),
 validated on creation, filled from the model (token_dim, num_layers, num_attention_heads) as PEFT fills them, and
-converted to and from the dict that peft 0.21 writes."""
+converted to and from the dict that peft 0.22 writes."""
 from dataclasses import dataclass, replace
 
 from fastpeft.methods.config import (MODEL_SIZES, SEQ_CLS_HEADS, TASK_TYPES, PeftFileConfig, names,

@@ -1,5 +1,5 @@
 """`TrainableTokensConfig`: PEFT's TrainableTokensConfig fields (token_indices, target_modules, init_weights), validated
-on creation, and converted to and from the dict that peft 0.21 writes."""
+on creation, and converted to and from the dict that peft 0.22 writes."""
 from dataclasses import dataclass, replace
 
 from fastpeft.methods.config import TASK_TYPES, PeftFileConfig, normalise_targets, peft_defaults
