@@ -67,6 +67,12 @@ def assert_ranks_alike(ranks: list[dict]) -> None:
         assert all(torch.equal(value, other[name]) for other in ranks[1:]), name
 
 
+def assert_same_tensors(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        assert torch.equal(value, expected[name]), name
+
+
 @pytest.mark.parametrize("run, method", [("ddp", "lora"), ("ddp", "bottleneck"), ("accelerate", "lora")])
 def test_ddp_trains_as_one_process_on_the_global_batch(runs, run, method):
     ranks = rank_files(runs, f"{run}-{method}")
@@ -91,10 +97,7 @@ def test_fsdp2_trains_diff_pruning_fixed_mask_as_one_process_and_saves_it_whole(
     start = worker.trained(model)
     worker.train(model, worker.batches())
     assert_trained_alike(ranks[0], start, worker.trained(model))
-    saved = worker.trained(loaded(os.path.join(runs, "fsdp-diff_pruning")))
-    assert saved.keys() == ranks[0].keys()
-    for name, value in saved.items():
-        assert torch.equal(value, ranks[0][name]), name
+    assert_same_tensors(worker.trained(loaded(os.path.join(runs, "fsdp-diff_pruning"))), ranks[0])
 
 
 def test_trainer_under_ddp_trains_alike_on_both_ranks_and_checkpoints_the_adapter(runs):
@@ -106,9 +109,7 @@ def test_trainer_under_ddp_trains_alike_on_both_ranks_and_checkpoints_the_adapte
     start = worker.trained(worker.classifier("lora"))
     assert max((ranks[0][name] - start[name]).abs().max().item() for name in start) > 1e-4
     checkpoint = os.path.join(runs, "trainer", f"checkpoint-{worker.STEPS}")
-    assert worker.trained(loaded(checkpoint)).keys() == ranks[0].keys()
-    for name, value in worker.trained(loaded(checkpoint)).items():
-        assert torch.equal(value, ranks[0][name]), name
+    assert_same_tensors(worker.trained(loaded(checkpoint)), ranks[0])
 
 
 def test_save_adapter_is_written_by_rank_0_and_needs_no_other_rank_without_sharding(runs):
